@@ -1,0 +1,14 @@
+"""sdjax: Stable Diffusion from scratch in JAX/Flax (NNX), taught through notebooks.
+
+Modules, in the order the learning path meets them:
+
+    sdjax.nn         building blocks (ResnetBlock, Downsample, Upsample, SelfAttention, embeddings)
+    sdjax.data       offline datasets (shapes, digits), Hugging Face loader, batching, sharding
+    sdjax.train      the shared training loop: jitted step, EMA, checkpoints, data parallelism
+    sdjax.models     Autoencoder, AutoencoderKL (the VAE of notebook 02 and of Stable Diffusion)
+    sdjax.viz        grids, loss curves, latent-space pictures
+    sdjax.exercises  checks for the notebooks' exercises
+    sdjax.io         safetensors save/load of pytrees and models
+"""
+
+__version__ = "0.1.0"

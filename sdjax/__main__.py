@@ -1,0 +1,5 @@
+import sys
+
+from sdjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""Exercise checks for the notebooks, and the tool that strips solutions out of them.
+
+In a notebook, an exercise is a function the learner writes, between marker lines:
+
+    def reparameterize(mean, logvar, eps):
+        # BEGIN SOLUTION
+        return mean + jnp.exp(0.5 * logvar) * eps
+        # END SOLUTION
+
+    sdjax.exercises.check_reparameterize(reparameterize)
+
+The committed notebooks hold the solutions (so CI proves they run); ``sdjax strip-solutions`` writes
+the learner's copy, where each marked region becomes ``...  # YOUR CODE HERE``. Each ``check_*``
+compares the learner's function with sdjax's own on random inputs and, when they differ, tests the
+answer against the usual mistakes so the message says what is wrong, not just that it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.models.autoencoder import reconstruction_loss
+from sdjax.models.vae import kl_divergence, reparameterize
+from sdjax.nn import upsample_nearest
+
+
+class ExerciseError(AssertionError):
+    """The learner's answer is not right yet; the message says why."""
+
+
+def _run(name: str, fn: Callable, args) -> np.ndarray:
+    try:
+        out = fn(*args)
+    except Exception as e:  # the learner's code: any exception is a finding to explain, not to hide
+        raise ExerciseError(f"{name}: your function raised {type(e).__name__}: {e}") from e
+    if out is None:
+        raise ExerciseError(
+            f"{name}: your function returned None — replace the `...` with your code and `return` the result."
+        )
+    return np.asarray(out, dtype=np.float64)
+
+
+def _check(name: str, fn: Callable, reference: Callable, args, mistakes: list[tuple[Callable, str]], rtol=1e-5) -> bool:
+    got = _run(name, fn, args)
+    want = np.asarray(reference(*args), dtype=np.float64)
+    if got.shape == want.shape and np.allclose(got, want, rtol=rtol, atol=1e-6):
+        print(f"✓ {name}: correct.")
+        return True
+    for wrong, why in mistakes:
+        w = np.asarray(wrong(*args), dtype=np.float64)
+        if w.shape == got.shape and np.allclose(got, w, rtol=rtol, atol=1e-6):
+            raise ExerciseError(f"{name}: {why}")
+    if got.shape != want.shape:
+        raise ExerciseError(f"{name}: the output has shape {got.shape}, expected {want.shape}.")
+    err = np.max(np.abs(got - want))
+    raise ExerciseError(
+        f"{name}: not the expected values (largest difference {err:.3g}). "
+        f"First expected values: {want.ravel()[:4].round(4)}, yours: {got.ravel()[:4].round(4)}."
+    )
+
+
+def _inputs(seed: int, *shapes):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    return [jax.random.normal(k, s) for k, s in zip(keys, shapes)]
+
+
+# --- notebook 01 ------------------------------------------------------------------------------------
+
+
+def check_upsample_nearest(fn: Callable) -> bool:
+    """Exercise: nearest-neighbour ×2 upsampling of an NHWC batch, (B, H, W, C) → (B, 2H, 2W, C)."""
+    (x,) = _inputs(0, (2, 3, 5, 4))
+    mistakes = [
+        (
+            lambda x: jnp.tile(x, (1, 2, 2, 1)),
+            "jnp.tile copies the *whole image* side by side; nearest-neighbour repeats *each pixel* "
+            "into a 2×2 block — use jnp.repeat along H and W.",
+        ),
+        (
+            lambda x: jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1),
+            "you repeated along axes 0 and 1 (batch and H). In NHWC, H and W are axes 1 and 2.",
+        ),
+        (
+            lambda x: jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3),
+            "you repeated along axes 2 and 3 (W and channels). In NHWC, H and W are axes 1 and 2.",
+        ),
+        (lambda x: jnp.repeat(x, 2, axis=1), "only H was doubled; repeat along W (axis 2) as well."),
+        (lambda x: jnp.repeat(x, 2, axis=2), "only W was doubled; repeat along H (axis 1) as well."),
+        (
+            lambda x: jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "bilinear"),
+            "that is bilinear interpolation, which blends neighbours; nearest-neighbour copies each pixel.",
+        ),
+    ]
+    return _check("upsample_nearest", fn, upsample_nearest, (x,), mistakes)
+
+
+def check_reconstruction_loss(fn: Callable) -> bool:
+    """Exercise: the autoencoder's loss, the mean squared error over all pixels (a scalar)."""
+    x, x_hat = _inputs(1, (4, 8, 8, 3), (4, 8, 8, 3))
+    mistakes = [
+        (
+            lambda x, y: jnp.sum((x - y) ** 2),
+            "you summed the squared errors; take the mean so the loss does not grow with image size and batch.",
+        ),
+        (
+            lambda x, y: jnp.mean(jnp.abs(x - y)),
+            "that is the mean *absolute* error (L1); the exercise asks for the mean *squared* error.",
+        ),
+        (lambda x, y: jnp.mean(x - y), "the errors were not squared, so positive and negative ones cancel out."),
+        (lambda x, y: jnp.sqrt(jnp.mean((x - y) ** 2)), "that is the root of the MSE (RMSE); drop the square root."),
+        (
+            lambda x, y: jnp.mean((x - y) ** 2, axis=(1, 2, 3)),
+            "you returned one loss per image; average over the batch too, to a single scalar.",
+        ),
+    ]
+    return _check("reconstruction_loss", fn, reconstruction_loss, (x, x_hat), mistakes)
+
+
+# --- notebook 02 ------------------------------------------------------------------------------------
+
+
+def check_reparameterize(fn: Callable) -> bool:
+    """Exercise: z = μ + σ ⊙ ε with σ = exp(½ · logvar)."""
+    mean, logvar, eps = _inputs(2, (3, 4, 4, 2), (3, 4, 4, 2), (3, 4, 4, 2))
+    mistakes = [
+        (
+            lambda m, lv, e: m + jnp.exp(lv) * e,
+            "you scaled ε by exp(logvar) = σ², the variance. Scale by the standard deviation σ = exp(½·logvar).",
+        ),
+        (lambda m, lv, e: m + lv * e, "logvar is log σ², not σ: the standard deviation is exp(½·logvar)."),
+        (lambda m, lv, e: m + jnp.sqrt(jnp.abs(lv)) * e, "logvar is log σ², so σ = exp(½·logvar), not sqrt(logvar)."),
+        (lambda m, lv, e: jnp.exp(0.5 * lv) * e, "the mean μ is missing: z = μ + σ·ε."),
+        (lambda m, lv, e: m * jnp.exp(0.5 * lv) * e, "μ and σ·ε are added, not multiplied: z = μ + σ·ε."),
+    ]
+    ok = _check("reparameterize", fn, reparameterize, (mean, logvar, eps), mistakes)
+    # The point of the trick: z is differentiable in μ and σ. dz/dμ summed = number of elements.
+    grad = jax.grad(lambda m: jnp.sum(fn(m, logvar, eps)))(mean)
+    if not np.allclose(grad, 1.0):
+        raise ExerciseError("reparameterize: ∂z/∂μ should be 1 everywhere; is the gradient flowing through μ?")
+    return ok
+
+
+def check_kl_divergence(fn: Callable) -> bool:
+    """Exercise: KL(N(μ, σ²) ‖ N(0, 1)) summed over all but the batch axis, one value per example."""
+    mean, logvar = _inputs(3, (3, 4, 4, 2), (3, 4, 4, 2))
+    axes = (1, 2, 3)
+    mistakes = [
+        (
+            lambda m, lv: jnp.sum(m**2 + jnp.exp(lv) - 1 - lv, axis=axes),
+            "the factor ½ is missing: KL = ½ Σ (μ² + σ² − 1 − log σ²).",
+        ),
+        (
+            lambda m, lv: 0.5 * jnp.mean(m**2 + jnp.exp(lv) - 1 - lv, axis=axes),
+            "you averaged over the latent dimensions; the KL of independent dimensions is their *sum*.",
+        ),
+        (
+            lambda m, lv: 0.5 * jnp.sum(m**2 + jnp.exp(lv) - 1 - lv),
+            "you summed over the batch as well; return one KL per example, shape (B,).",
+        ),
+        (
+            lambda m, lv: -0.5 * jnp.sum(m**2 + jnp.exp(lv) - 1 - lv, axis=axes),
+            "the sign is flipped: a KL divergence is never negative.",
+        ),
+        (
+            lambda m, lv: 0.5 * jnp.sum(m**2 + jnp.exp(0.5 * lv) - 1 - lv, axis=axes),
+            "exp(½·logvar) is σ; the formula needs the variance σ² = exp(logvar).",
+        ),
+        (
+            lambda m, lv: 0.5 * jnp.sum(m**2 + jnp.exp(lv) - 1 + lv, axis=axes),
+            "the log-variance enters with a minus sign: ½ (μ² + σ² − 1 − log σ²).",
+        ),
+    ]
+    return _check("kl_divergence", fn, kl_divergence, (mean, logvar), mistakes)
+
+
+# --- stripping solutions ------------------------------------------------------------------------------
+
+_SOLUTION = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION.*?^[ \t]*# END SOLUTION[^\n]*\n?", re.M | re.S)
+
+
+def strip_source(source: str) -> str:
+    """Replace every ``# BEGIN SOLUTION`` … ``# END SOLUTION`` region with a placeholder line."""
+
+    def placeholder(m: re.Match) -> str:
+        return f"{m.group('indent')}...  # YOUR CODE HERE\n"
+
+    if source.count("# BEGIN SOLUTION") != source.count("# END SOLUTION"):
+        raise ValueError("unbalanced solution markers: every '# BEGIN SOLUTION' needs an '# END SOLUTION'")
+    return _SOLUTION.sub(placeholder, source)
+
+
+def strip_notebook(src: str | Path, dst: str | Path) -> int:
+    """Write the learner's copy of notebook ``src`` to ``dst``: solutions stripped, outputs cleared.
+
+    Returns the number of cells changed.
+    """
+    nb = json.loads(Path(src).read_text())
+    changed = 0
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        stripped = strip_source(source)
+        if stripped != source:
+            changed += 1
+            cell["source"] = stripped.splitlines(keepends=True)
+        cell["outputs"], cell["execution_count"] = [], None
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    Path(dst).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return changed

@@ -1,0 +1,118 @@
+"""Saving and loading pytrees (model weights, training state) as safetensors files.
+
+A pytree is flattened to ``{"path.to.leaf": array}`` — the same dotted names people see in diffusers
+checkpoints — and written with ``safetensors`` (no pickle: loading a file can never run code).
+Loading always goes *into a template* of the expected structure, so a missing, unexpected or
+wrongly-shaped tensor is an error that names it, never silently random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+
+def _key_str(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _path_str(path) -> str:
+    # An nnx Variable (Param ...) is a pytree node whose array sits in its ``.value`` attribute; leave
+    # that step out so names read "encoder.conv_in.kernel", as in every other checkpoint format.
+    return ".".join(_key_str(k) for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
+
+
+def flatten(tree) -> dict[str, np.ndarray]:
+    """{"a.b.0.kernel": np.ndarray} for every array leaf of ``tree`` (None leaves are skipped)."""
+    return {_path_str(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_like(template, flat: dict[str, np.ndarray], *, source: str = "checkpoint"):
+    """Fill ``template``'s structure with the arrays of ``flat`` (as produced by :func:`flatten`).
+
+    Raises ValueError naming every missing/unexpected key and every shape mismatch.
+    """
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [_path_str(path) for path, _ in paths_leaves]
+    missing = [n for n in names if n not in flat]
+    unexpected = sorted(set(flat) - set(names))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (first: {missing[:5]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (first: {unexpected[:5]})")
+    shapes = [
+        f"{n}: file {flat[n].shape} vs model {np.shape(leaf)}"
+        for n, (_, leaf) in zip(names, paths_leaves)
+        if n in flat and flat[n].shape != np.shape(leaf)
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (first: {shapes[:5]})")
+    if problems:
+        raise ValueError(
+            f"{source} does not match the model it is loaded into: "
+            + "; ".join(problems)
+            + ". Was it saved from a model with a different config? Build the model with the config "
+            "it was saved with."
+        )
+    leaves = [
+        np.asarray(flat[n]).astype(np.asarray(leaf).dtype, copy=False) for n, (_, leaf) in zip(names, paths_leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_tree(path: str | os.PathLike, tree, metadata: dict | None = None) -> None:
+    """Write ``tree`` to a safetensors file atomically (a crash mid-write leaves the old file intact).
+
+    ``metadata`` is any JSON-serialisable dict, stored in the file header.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    flat = {k: np.array(v, order="C") for k, v in flatten(tree).items()}  # (ascontiguousarray makes 0-d 1-d)
+    save_file(flat, str(tmp), metadata={"sdjax": json.dumps(metadata or {})})
+    os.replace(tmp, path)
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """The flat ``{name: array}`` dict and sdjax metadata of a safetensors file, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}. Check the path (a directory is not a weights file).")
+    try:
+        flat = load_file(str(path))
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = json.loads((f.metadata() or {}).get("sdjax", "{}"))
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or another format."
+        ) from e
+    return flat, metadata
+
+
+def load_tree(path: str | os.PathLike, template) -> tuple[object, dict]:
+    """Read a file written by :func:`save_tree` into ``template``'s structure. Returns (tree, metadata)."""
+    flat, metadata = read(path)
+    return unflatten_like(template, flat, source=str(path)), metadata
+
+
+def save_model(path: str | os.PathLike, model: nnx.Module, metadata: dict | None = None) -> None:
+    """Save a model's parameters (``nnx.Param`` leaves) to safetensors."""
+    save_tree(path, nnx.state(model, nnx.Param), metadata)
+
+
+def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
+    """Load parameters saved by :func:`save_model` into ``model`` (built with the same config), in place."""
+    params, _ = load_tree(path, nnx.state(model, nnx.Param))
+    nnx.update(model, params)
+    return model

@@ -1,0 +1,157 @@
+"""The variational autoencoder (Kingma & Welling 2013, arXiv:1312.6114) — Stable Diffusion's ``AutoencoderKL``.
+
+A VAE's encoder outputs a *distribution* over latents instead of one point: a diagonal Gaussian
+q_φ(z|x) = N(μ_φ(x), diag σ²_φ(x)). Training maximises the evidence lower bound (ELBO)
+
+    log p(x) ≥ E_{z∼q(z|x)}[log p_θ(x|z)] − KL(q_φ(z|x) ‖ p(z)),       p(z) = N(0, I)
+
+i.e. minimises  reconstruction error + β · KL.  The KL term pulls every posterior towards the prior,
+which makes the latent space smooth (nearby z decode to similar images) and lets us *sample* new
+images by decoding z ∼ N(0, I). With β → 0 it becomes a plain autoencoder; with β large the
+posteriors collapse to the prior and reconstructions blur.
+
+Stable Diffusion's autoencoder is this model with a tiny weight (β ≈ 1e-6 on a per-pixel loss,
+plus perceptual and adversarial losses, Rombach et al. 2022 §3): just enough KL to keep the latents
+well-scaled and smooth for the diffusion model, not so much that detail is lost. ``VAEConfig.sd()``
+is its exact architecture; the toy VAE of notebook 02 is the same code with a small config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sdjax.models.autoencoder import AutoencoderConfig, Decoder, Encoder
+from sdjax.nn import conv
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig(AutoencoderConfig):
+    """An :class:`AutoencoderConfig` plus what SD's ``AutoencoderKL`` adds.
+
+    scaling_factor: latents are multiplied by this before diffusion so they have roughly unit
+        variance (SD1/2: 0.18215); ``decode`` expects unscaled latents.
+    use_quant_conv: the 1×1 convolutions between encoder/decoder and the latent (SD has them).
+    """
+
+    scaling_factor: float = 1.0
+    use_quant_conv: bool = True
+
+    @classmethod
+    def sd(cls) -> VAEConfig:
+        """Stable Diffusion 1.x / 2.x autoencoder: f = 8, c = 4, ~84M parameters."""
+        return cls(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            mid_block_attention=True,
+            scaling_factor=0.18215,
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DiagonalGaussian:
+    """q(z|x) = N(μ, diag exp(log σ²)). Fields are (B, h, w, c) arrays."""
+
+    mean: Array
+    logvar: Array
+
+    @classmethod
+    def from_moments(cls, moments: Array) -> DiagonalGaussian:
+        """Split the encoder's (B, h, w, 2c) output into μ and log σ² (clipped to [−30, 20] as SD does,
+        so exp() can neither underflow to a zero σ nor overflow)."""
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return cls(mean, jnp.clip(logvar, -30.0, 20.0))
+
+    @property
+    def std(self) -> Array:
+        return jnp.exp(0.5 * self.logvar)
+
+    def sample(self, key: Array) -> Array:
+        """A reparameterised sample z = μ + σ ⊙ ε with ε ∼ N(0, I) (see :func:`reparameterize`)."""
+        return reparameterize(self.mean, self.logvar, jax.random.normal(key, self.mean.shape, self.mean.dtype))
+
+    def mode(self) -> Array:
+        return self.mean
+
+    def kl(self) -> Array:
+        """KL(q ‖ N(0, I)) per example, summed over latent dims: (B,). See :func:`kl_divergence`."""
+        return kl_divergence(self.mean, self.logvar)
+
+
+def reparameterize(mean: Array, logvar: Array, eps: Array) -> Array:
+    """The reparameterisation trick: z = μ + σ ⊙ ε,  σ = exp(½ log σ²),  ε ∼ N(0, I).
+
+    Sampling z ∼ N(μ, σ²) directly has no gradient with respect to μ and σ. Writing the sample as a
+    deterministic function of (μ, σ) and parameter-free noise ε moves the randomness out of the way,
+    so ∂z/∂μ = 1 and ∂z/∂σ = ε and the encoder can be trained by backpropagation.
+    """
+    return mean + jnp.exp(0.5 * logvar) * eps
+
+
+def kl_divergence(mean: Array, logvar: Array) -> Array:
+    """KL(N(μ, σ²) ‖ N(0, 1)) summed over all but the batch axis: (B, ...) → (B,).
+
+    For one dimension, KL = ½ (μ² + σ² − 1 − log σ²): zero exactly when μ = 0 and σ = 1.
+    """
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return jnp.sum(kl, axis=tuple(range(1, kl.ndim)))
+
+
+class AutoencoderKL(nnx.Module):
+    """The VAE: encoder → (quant_conv) → q(z|x); z → (post_quant_conv) → decoder.
+
+    Shapes: x (B, H, W, C) → posterior over z (B, H/f, W/f, c) → x̂ (B, H, W, C).
+    """
+
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        c = cfg.latent_channels
+        self.encoder = Encoder(cfg, 2 * c, rngs=rngs)
+        self.quant_conv = conv(2 * c, 2 * c, 1, rngs) if cfg.use_quant_conv else None
+        self.post_quant_conv = conv(c, c, 1, rngs) if cfg.use_quant_conv else None
+        self.decoder = Decoder(cfg, rngs=rngs)
+
+    def encode(self, x: Array) -> DiagonalGaussian:
+        """(B, H, W, C) → q(z|x) with (B, H/f, W/f, c) mean and log-variance."""
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z: Array) -> Array:
+        """(B, h, w, c) unscaled latents → (B, h·f, w·f, C) images."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def __call__(self, x: Array, key: Array | None = None) -> tuple[Array, DiagonalGaussian]:
+        """Reconstruct x through a posterior sample (or the posterior mean when ``key`` is None)."""
+        posterior = self.encode(x)
+        z = posterior.mode() if key is None else posterior.sample(key)
+        return self.decode(z), posterior
+
+
+def vae_loss(model: AutoencoderKL, batch: dict, key: Array, *, kl_weight: float = 1e-3) -> tuple[Array, dict]:
+    """The negative ELBO with a KL weight β, averaged over the batch:
+
+        L = E_x[ Σ_pixels (x − x̂)²  +  β · KL(q(z|x) ‖ N(0, I)) ],    x̂ = D(z), z ∼ q(z|x)
+
+    The squared error summed over pixels is −log p(x|z) (up to a constant) for a Gaussian decoder of
+    variance ½, so β = 1 is the true ELBO of that model; β < 1 trades sample quality for sharper
+    reconstructions (β-VAE, Higgins et al. 2017). Use ``functools.partial(vae_loss, kl_weight=β)``
+    with :func:`sdjax.train.fit`.
+    """
+    x = batch["image"]
+    x_hat, posterior = model(x, key)
+    recon = jnp.sum(jnp.square(x - x_hat), axis=tuple(range(1, x.ndim)))
+    kl = posterior.kl()
+    loss = jnp.mean(recon + kl_weight * kl)
+    return loss, {"recon": jnp.mean(recon), "kl": jnp.mean(kl), "mse": jnp.mean(jnp.square(x - x_hat))}

@@ -1,0 +1,187 @@
+"""The building blocks every sdjax model is made of.
+
+One implementation of each block, shared by the toy models of the first notebooks and the full
+Stable Diffusion networks: the autoencoder, the VAE (= SD's ``AutoencoderKL``) and the UNets are
+all stacks of these.
+
+Layout is NHWC everywhere inside sdjax (JAX/XLA's native convolution layout); converters to and from
+PyTorch checkpoints (NCHW) transpose at the boundary. Attribute names follow diffusers
+(``norm1``, ``conv1``, ``time_emb_proj``, ``to_q`` ...) so a weight's path reads the same in both.
+
+Shapes in docstrings use B = batch, H/W = height/width, C = channels, T = tokens, D = embedding dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def sinusoidal_embedding(
+    t: Array,
+    dim: int,
+    *,
+    max_period: float = 10_000.0,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+) -> Array:
+    """Transformer-style sinusoidal features of a scalar per example (a diffusion timestep).
+
+    With half = dim // 2 and frequencies ω_i = max_period^(−i / (half − freq_shift)), i < half:
+
+        emb(t) = [cos(ω_i t) ..., sin(ω_i t) ...]     (flip_sin_to_cos=True, Stable Diffusion)
+        emb(t) = [sin(ω_i t) ..., cos(ω_i t) ...]     (flip_sin_to_cos=False, the DDPM paper)
+
+    Low i are fast-changing features, high i slow ones, so nearby timesteps get similar vectors and
+    the network can tell every step apart. (Vaswani et al. 2017, §3.5; Ho et al. 2020, App. B.)
+
+    Args:
+      t: (B,) timesteps, any real dtype (fractional t is fine).
+      dim: output width D (odd D gets one zero column, as diffusers does).
+    Returns:
+      (B, D) float32.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def group_norm(channels: int, groups: int, eps: float, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    """GroupNorm over (H, W, C/groups) per group, as ``torch.nn.GroupNorm``.
+
+    ``use_fast_variance=False`` computes Var = E[(x − μ)²] rather than E[x²] − μ², which is what
+    PyTorch does and is the numerically safe form in float32.
+    """
+    return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+def conv(c_in: int, c_out: int, kernel: int, rngs: nnx.Rngs, *, stride: int = 1, padding=None) -> nnx.Conv:
+    """A 2-D convolution with PyTorch's symmetric padding (k // 2 on each side unless given)."""
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding=padding, rngs=rngs)
+
+
+class ResnetBlock(nnx.Module):
+    """Pre-activation residual block, optionally conditioned on a time embedding.
+
+        h = conv1(SiLU(GroupNorm(x)))
+        h = h + W_t · SiLU(t_emb)                 (time-conditioned only; broadcast over H, W)
+        h = conv2(SiLU(GroupNorm(h)))
+        y = shortcut(x) + h                        (shortcut = 1×1 conv when C_in ≠ C_out)
+
+    This is diffusers' ``ResnetBlock2D`` (the block of DDPM's UNet, SD's VAE and SD's UNet).
+
+    Shapes: x (B, H, W, C_in), t_emb (B, D_t) → (B, H, W, C_out).
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        *,
+        temb_dim: int | None = None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = group_norm(c_in, groups, eps, rngs)
+        self.conv1 = conv(c_in, c_out, 3, rngs)
+        self.time_emb_proj = nnx.Linear(temb_dim, c_out, rngs=rngs) if temb_dim else None
+        self.norm2 = group_norm(c_out, groups, eps, rngs)
+        self.conv2 = conv(c_out, c_out, 3, rngs)
+        self.conv_shortcut = conv(c_in, c_out, 1, rngs) if c_in != c_out else None
+
+    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("this ResnetBlock is time-conditioned: pass temb of shape (B, D_t)")
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Downsample(nnx.Module):
+    """Halve H and W with a stride-2 3×3 convolution.
+
+    ``asymmetric_pad=True`` pads only bottom/right by one pixel before an unpadded convolution — the
+    variant in SD's VAE encoder (diffusers ``Downsample2D(padding=0)``); the UNet pads 1 on all sides.
+    Both give ceil(H/2) for even H; they differ in which pixels the kernel sees, so checkpoints care.
+
+    Shapes: (B, H, W, C) → (B, H/2, W/2, C).
+    """
+
+    def __init__(self, channels: int, *, asymmetric_pad: bool = False, rngs: nnx.Rngs):
+        padding = ((0, 1), (0, 1)) if asymmetric_pad else ((1, 1), (1, 1))
+        self.conv = conv(channels, channels, 3, rngs, stride=2, padding=padding)
+
+    def __call__(self, x: Array) -> Array:
+        return self.conv(x)
+
+
+def upsample_nearest(x: Array) -> Array:
+    """Nearest-neighbour ×2 upsampling: every pixel becomes a 2×2 block. (B, H, W, C) → (B, 2H, 2W, C)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Upsample(nnx.Module):
+    """Double H and W: nearest-neighbour ×2 then a 3×3 convolution to smooth the blocks.
+
+    Shapes: (B, H, W, C) → (B, 2H, 2W, C).
+    """
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = conv(channels, channels, 3, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.conv(upsample_nearest(x))
+
+
+def attention(q: Array, k: Array, v: Array) -> Array:
+    """Scaled dot-product attention, softmax(q kᵀ / √d) v, over (B, T, heads, d) inputs.
+
+    ``jax.nn.dot_product_attention`` lets XLA pick its kernel (and cuDNN's fused attention on GPU),
+    while staying portable to CPU and TPU.
+    """
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+class SelfAttention(nnx.Module):
+    """Spatial self-attention with a residual connection, as in SD's VAE mid-block.
+
+    Every pixel is a token: x (B, H, W, C) is normalised, flattened to (B, H·W, C), and each token
+    attends to all others with multi-head attention (Vaswani et al. 2017):
+
+        Q = x W_q, K = x W_k, V = x W_v,   y = x + W_o · softmax(Q Kᵀ / √d) V
+
+    Shapes: (B, H, W, C) → (B, H, W, C). ``heads`` must divide C.
+    """
+
+    def __init__(self, channels: int, *, heads: int = 1, groups: int = 32, eps: float = 1e-6, rngs: nnx.Rngs):
+        if channels % heads:
+            raise ValueError(f"SelfAttention: heads={heads} must divide channels={channels}")
+        self.heads = heads
+        self.group_norm = group_norm(channels, groups, eps, rngs)
+        self.to_q = nnx.Linear(channels, channels, rngs=rngs)
+        self.to_k = nnx.Linear(channels, channels, rngs=rngs)
+        self.to_v = nnx.Linear(channels, channels, rngs=rngs)
+        self.to_out = nnx.Linear(channels, channels, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        tokens = self.group_norm(x).reshape(b, h * w, c)
+        split = lambda t: t.reshape(b, h * w, self.heads, c // self.heads)  # noqa: E731
+        out = attention(split(self.to_q(tokens)), split(self.to_k(tokens)), split(self.to_v(tokens)))
+        return x + self.to_out(out.reshape(b, h * w, c)).reshape(b, h, w, c)

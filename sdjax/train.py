@@ -1,0 +1,198 @@
+"""One small training utility shared by every model in sdjax.
+
+The pieces, in the style of Flax's examples:
+
+* :class:`TrainState` — everything a run needs to continue: step, parameters, optimizer state, EMA
+  parameters and the PRNG key. A plain pytree, so it can be jitted, sharded and saved.
+* :func:`make_train_step` — a pure ``(state, batch) → (state, metrics)`` function, jitted once.
+* :func:`fit` — the loop: deterministic batches (a pure function of seed and step, see
+  ``sdjax.data.loader``), data parallelism over all local devices, a tqdm bar, a metrics history,
+  and checkpoints that resume bit-for-bit.
+
+A loss function has the signature ``loss_fn(model, batch, key) -> (loss, metrics)``, where ``model``
+is an ``nnx.Module``, ``batch`` a dict of arrays and ``key`` a PRNG key unique to this step.
+
+Data parallelism: the batch is split along its first axis over a 1-D device mesh (axis "data") and
+the state is replicated. ``jax.jit`` sees the shardings and inserts the gradient all-reduce itself,
+so the same code runs on one CPU, 8 GPUs or a TPU host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from sdjax.data.loader import iterate_batches, local_mesh, replicate, shard_batch
+from sdjax.io import read, save_tree, unflatten_like
+
+Array = jax.Array
+LossFn = Callable[[nnx.Module, dict, Array], tuple[Array, dict]]
+
+CHECKPOINT_FORMAT = "sdjax-train-state-v1"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """The complete state of a run. ``ema`` is None when EMA is off."""
+
+    step: Array  # () int32, number of optimizer updates done
+    params: nnx.State
+    opt_state: optax.OptState
+    ema: nnx.State | None
+    key: Array  # (2,) uint32, the run's root PRNG key
+
+
+def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int, ema_decay: float | None):
+    """Split ``model`` into its static graph and a fresh :class:`TrainState`. Returns (graphdef, state)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema=jax.tree.map(jnp.copy, params) if ema_decay is not None else None,
+        key=jax.random.PRNGKey(seed),
+    )
+    return graphdef, state
+
+
+def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_decay: float | None):
+    """Build the jitted update ``(state, batch) → (state, metrics)``.
+
+    One step: g = ∇_θ L(θ; batch), (u, s) = optimizer(g, s), θ ← θ + u, and optionally the
+    exponential moving average θ_ema ← d·θ_ema + (1 − d)·θ, which averages out the noise of the
+    last ~1/(1 − d) steps and gives smoother samples for generative models.
+    """
+
+    def loss_of_params(params, batch, key):
+        return loss_fn(nnx.merge(graphdef, params), batch, key)
+
+    @jax.jit
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state.params, batch, step_key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, key=state.key)
+        return new_state, {"loss": loss, **metrics}
+
+    return train_step
+
+
+def data_key(state_key: Array) -> Array:
+    """The key that orders the data. Batches depend only on (seed, step), so a resumed run sees the
+    exact batches an uninterrupted one would."""
+    return jax.random.fold_in(state_key, 0)
+
+
+def save_checkpoint(path: str | os.PathLike, state: TrainState, history: dict[str, list]) -> None:
+    """Atomically write the train state and metrics history to one safetensors file."""
+    save_tree(path, jax.device_get(state), {"format": CHECKPOINT_FORMAT, "history": history})
+
+
+def restore_checkpoint(path: str | os.PathLike, template: TrainState) -> tuple[TrainState, dict[str, list]]:
+    """Read a checkpoint written by :func:`save_checkpoint` into the structure of ``template``."""
+    flat, meta = read(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not an sdjax training checkpoint (format {meta.get('format')!r}, expected "
+            f"{CHECKPOINT_FORMAT!r}). Model weights load with sdjax.io.load_model instead."
+        )
+    return unflatten_like(template, flat, source=str(path)), meta["history"]
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns. ``model`` holds the trained parameters, ``ema_model`` the EMA ones."""
+
+    model: nnx.Module
+    ema_model: nnx.Module | None
+    state: TrainState
+    history: dict[str, list]
+
+
+def fit(
+    model: nnx.Module,
+    loss_fn: LossFn,
+    data: dict[str, np.ndarray],
+    *,
+    steps: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
+    ema_decay: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    devices: list | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> FitResult:
+    """Train ``model`` until ``steps`` optimizer updates have been made in total.
+
+    Args:
+      model: an ``nnx.Module``; updated in place with the trained parameters.
+      loss_fn: ``(model, batch, key) -> (loss, metrics)``.
+      data: dict of arrays sharing their first axis (e.g. ``{"image": (N, H, W, C)}``); batches are
+        drawn by ``sdjax.data.iterate_batches`` (reshuffled each epoch, a pure function of seed and step).
+      steps: the total number of steps of the run; with a checkpoint, training resumes where it
+        stopped and runs up to ``steps``.
+      batch_size: global batch, split over ``devices`` (must be divisible by their number).
+      optimizer: an optax transformation (default Adam, lr 1e-3).
+      seed: fixes initial PRNG key, data order and every random draw of the loss.
+      ema_decay: keep an exponential moving average of the parameters (e.g. 0.999).
+      checkpoint: file to resume from if it exists, and to save to every ``checkpoint_every`` steps
+        and at the end.
+      devices: devices for data parallelism (default: all local devices).
+    """
+    optimizer = optimizer or optax.adam(1e-3)
+    graphdef, state = create_train_state(model, optimizer, seed, ema_decay)
+    history: dict[str, list] = {}
+    if checkpoint is not None and Path(checkpoint).exists():
+        state, history = restore_checkpoint(checkpoint, state)
+    mesh = local_mesh(devices)
+    state = replicate(state, mesh)
+    train_step = make_train_step(graphdef, loss_fn, optimizer, ema_decay)
+    dkey = data_key(state.key)
+
+    start = int(state.step)
+    pending: list[tuple[int, dict]] = []  # metrics still on device: fetched in bulk, not every step
+
+    def flush():
+        for done, m in jax.device_get(pending):
+            history.setdefault("step", []).append(done)
+            for k, v in m.items():
+                history.setdefault(k, []).append(float(v))
+        pending.clear()
+
+    batches = iterate_batches(data, batch_size, dkey, start_step=start, num_steps=max(steps - start, 0))
+    bar = tqdm(batches, initial=start, total=steps, desc=desc, disable=not progress, mininterval=1.0)
+    for done, batch in enumerate(bar, start=start + 1):
+        state, metrics = train_step(state, shard_batch(batch, mesh))
+        pending.append((done, metrics))
+        if len(pending) >= 50 or done == steps:
+            flush()
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}")
+        if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done != steps:
+            flush()
+            save_checkpoint(checkpoint, state, history)
+    bar.close()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, state, history)
+
+    nnx.update(model, state.params)
+    ema_model = None
+    if state.ema is not None:
+        ema_model = nnx.merge(graphdef, state.ema)
+    return FitResult(model=model, ema_model=ema_model, state=state, history=history)

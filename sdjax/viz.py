@@ -1,0 +1,127 @@
+"""What the notebooks plot: image grids, loss curves and pictures of a latent space.
+
+Images come in as sdjax keeps them — (N, H, W, C) floats in [−1, 1], C = 1 or 3 — and every
+function returns the matplotlib Axes (or a uint8 array) so a notebook can add to it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def to_uint8(images) -> np.ndarray:
+    """(N, H, W, C) in [−1, 1] → (N, H, W, 3) uint8 in [0, 255] (grey images repeated to RGB)."""
+    x = np.asarray(images, dtype=np.float32)
+    x = np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def make_grid(images, nrow: int = 8, pad: int = 1, pad_value: int = 255) -> np.ndarray:
+    """Tile (N, H, W, C) images into one (rows·(H+pad)+pad, nrow·(W+pad)+pad, 3) uint8 array."""
+    x = to_uint8(images)
+    n, h, w, _ = x.shape
+    ncol = min(nrow, n)
+    rows = -(-n // ncol)
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, 3), pad_value, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[i]
+    return grid
+
+
+def show_grid(images, nrow: int = 8, title: str | None = None, ax=None, scale: float = 1.0):
+    """Show images as a grid; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    grid = make_grid(images, nrow)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(scale * grid.shape[1] / 40 + 1, scale * grid.shape[0] / 40 + 0.5))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def show_rows(rows: dict[str, object], scale: float = 1.0):
+    """One labelled row per entry, e.g. ``{"input": x, "reconstruction": x_hat}``; returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    grids = {name: make_grid(imgs, nrow=len(imgs)) for name, imgs in rows.items()}
+    width = max(g.shape[1] for g in grids.values())
+    height = sum(g.shape[0] for g in grids.values())
+    fig, axes = plt.subplots(
+        len(grids), 1, figsize=(scale * width / 40 + 1.5, scale * height / 40 + 0.5), squeeze=False
+    )
+    for ax, (name, grid) in zip(axes[:, 0], grids.items()):
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def save_grid(path: str | os.PathLike, images, nrow: int = 8) -> None:
+    """Write a grid of images to a PNG file."""
+    from PIL import Image
+
+    Image.fromarray(make_grid(images, nrow)).save(path)
+
+
+def plot_history(history: dict[str, list], keys=("loss",), ax=None, log: bool = True, smooth: int = 1):
+    """Loss curves from :func:`sdjax.train.fit`'s history. ``smooth`` = moving-average window."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    steps = np.asarray(history["step"])
+    for key in keys:
+        y = np.asarray(history[key], dtype=np.float64)
+        if smooth > 1 and len(y) >= smooth:
+            y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+            ax.plot(steps[smooth - 1 :], y, label=key)
+        else:
+            ax.plot(steps, y, label=key)
+    ax.set_xlabel("step")
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def pca_2d(points) -> np.ndarray:
+    """Project (N, ...) points on their two principal components: (N, 2).
+
+    Centre X, take its SVD X = U S Vᵀ; the first two columns of U·S are the coordinates along the
+    directions of largest variance.
+    """
+    x = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
+    x = x - x.mean(axis=0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    return u[:, :2] * s[:2]
+
+
+def latent_scatter(latents, labels, label_names=None, ax=None, title: str | None = None):
+    """Scatter latents in 2-D (PCA when they have more dims), coloured by an integer label."""
+    import matplotlib.pyplot as plt
+
+    z = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
+    xy = z if z.shape[1] == 2 else pca_2d(z)
+    labels = np.asarray(labels)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 5))
+    cmap = plt.get_cmap("tab10" if labels.max() < 10 else "tab20")
+    for lab in np.unique(labels):
+        sel = labels == lab
+        name = label_names[lab] if label_names is not None else str(lab)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(int(lab) % cmap.N), label=name)
+    ax.legend(markerscale=3, fontsize=8, loc="best")
+    ax.set_xlabel("z₁" if z.shape[1] == 2 else "PC 1")
+    ax.set_ylabel("z₂" if z.shape[1] == 2 else "PC 2")
+    if title:
+        ax.set_title(title)
+    return ax

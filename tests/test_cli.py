@@ -1,0 +1,36 @@
+"""The command line: ``sdjax train-ae`` trains, saves, and resumes from its own checkpoint."""
+
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from sdjax import io
+from sdjax.cli import main
+from sdjax.models import AutoencoderKL, VAEConfig
+
+
+def test_train_vae_from_the_command_line_and_resume(tmp_path, capsys):
+    out = tmp_path / "vae"
+    args = ["train-ae", "--model", "vae", "--dataset", "shapes", "--resolution", "16", "--num-images", "128",
+            "--channels", "8", "16", "--steps", "4", "--batch-size", "8", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "compression 3.0×" in text and "held-out reconstruction MSE" in text
+    for name in ("model.safetensors", "checkpoint.safetensors", "reconstructions.png"):
+        assert (out / name).is_file()
+
+    _, meta = io.read(out / "model.safetensors")
+    cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    model = io.load_model(out / "model.safetensors", AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    assert np.isfinite(np.asarray(model.encode(np.zeros((1, 16, 16, 3), np.float32)).mean)).all()
+
+    assert main([*args[:-4], "--steps", "6", "--out", str(out)]) == 0  # resumes at step 4, runs to 6
+    assert "step 6:" in capsys.readouterr().out
+
+
+def test_strip_solutions_command(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "notebooks"
+    assert main(["strip-solutions", str(root), str(tmp_path)]) == 0
+    stripped = list(tmp_path.glob("*.ipynb"))
+    assert stripped and all("# BEGIN SOLUTION" not in p.read_text() for p in stripped)

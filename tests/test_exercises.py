@@ -1,0 +1,120 @@
+"""Each exercise check passes sdjax's own solution and rejects the plausible wrong answers with a
+message that says what is wrong; the stripper turns solutions into placeholders."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sdjax import exercises as ex
+from sdjax.models.autoencoder import reconstruction_loss
+from sdjax.models.vae import kl_divergence, reparameterize
+from sdjax.nn import upsample_nearest
+
+CASES = {
+    "upsample_nearest": (
+        ex.check_upsample_nearest,
+        upsample_nearest,
+        [
+            (lambda x: jnp.tile(x, (1, 2, 2, 1)), "each pixel"),
+            (lambda x: jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1), "axes 1 and 2"),
+            (lambda x: jnp.repeat(x, 2, axis=1), "only H was doubled"),
+            (lambda x: jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "bilinear"),
+             "bilinear"),
+        ],
+    ),
+    "reconstruction_loss": (
+        ex.check_reconstruction_loss,
+        reconstruction_loss,
+        [
+            (lambda x, y: jnp.sum((x - y) ** 2), "take the mean"),
+            (lambda x, y: jnp.mean(jnp.abs(x - y)), "absolute"),
+            (lambda x, y: jnp.mean((x - y) ** 2, axis=(1, 2, 3)), "one loss per image"),
+        ],
+    ),
+    "reparameterize": (
+        ex.check_reparameterize,
+        reparameterize,
+        [
+            (lambda m, lv, e: m + jnp.exp(lv) * e, "the variance"),
+            (lambda m, lv, e: m + lv * e, "logvar is log σ²"),
+            (lambda m, lv, e: jnp.exp(0.5 * lv) * e, "mean μ is missing"),
+        ],
+    ),
+    "kl_divergence": (
+        ex.check_kl_divergence,
+        kl_divergence,
+        [
+            (lambda m, lv: jnp.sum(m**2 + jnp.exp(lv) - 1 - lv, axis=(1, 2, 3)), "factor ½"),
+            (lambda m, lv: 0.5 * jnp.mean(m**2 + jnp.exp(lv) - 1 - lv, axis=(1, 2, 3)), "*sum*"),
+            (lambda m, lv: 0.5 * jnp.sum(m**2 + jnp.exp(lv) - 1 - lv), "shape (B,)"),
+            (lambda m, lv: -0.5 * jnp.sum(m**2 + jnp.exp(lv) - 1 - lv, axis=(1, 2, 3)), "never negative"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_check_passes_the_solution(name, capsys):
+    check, solution, _ = CASES[name]
+    assert check(solution) is True
+    assert "✓" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,i", [(n, i) for n, c in CASES.items() for i in range(len(c[2]))])
+def test_check_explains_a_plausible_mistake(name, i):
+    check, _, mistakes = CASES[name]
+    wrong, says = mistakes[i]
+    with pytest.raises(ex.ExerciseError, match=f"^{name}: .*{re.escape(says)}"):
+        check(wrong)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_unfinished_exercise_and_crash_are_explained(name):
+    check = CASES[name][0]
+    with pytest.raises(ex.ExerciseError, match="returned None"):
+        check(lambda *a: None)
+    with pytest.raises(ex.ExerciseError, match="raised ZeroDivisionError"):
+        check(lambda *a: 1 / 0)
+
+
+def test_unrecognised_wrong_answer_gets_values_to_compare():
+    with pytest.raises(ex.ExerciseError, match="largest difference"):
+        ex.check_reparameterize(lambda m, lv, e: m + 0.9 * jnp.exp(0.5 * lv) * e)
+
+
+def test_reparameterize_check_requires_a_gradient_through_mu():
+    with pytest.raises(ex.ExerciseError, match="∂z/∂μ"):
+        ex.check_reparameterize(lambda m, lv, e: jax.lax.stop_gradient(m) + jnp.exp(0.5 * lv) * e)
+
+
+def test_strip_solutions(tmp_path):
+    source = (
+        "import jax.numpy as jnp\n\n"
+        "def f(x):\n"
+        "    # BEGIN SOLUTION\n"
+        "    y = x * 2\n"
+        "    return y\n"
+        "    # END SOLUTION\n\n"
+        "check(f)\n"
+    )
+    assert ex.strip_source(source) == "import jax.numpy as jnp\n\ndef f(x):\n    ...  # YOUR CODE HERE\n\ncheck(f)\n"
+    with pytest.raises(ValueError, match="unbalanced"):
+        ex.strip_source("# BEGIN SOLUTION\nx = 1\n")
+
+    nb = {
+        "cells": [
+            {"cell_type": "markdown", "metadata": {}, "source": ["# BEGIN SOLUTION is just text here"]},
+            {"cell_type": "code", "metadata": {}, "source": source.splitlines(True), "outputs": [{"x": 1}],
+             "execution_count": 3},
+        ],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5,
+    }
+    (tmp_path / "a.ipynb").write_text(json.dumps(nb))
+    assert ex.strip_notebook(tmp_path / "a.ipynb", tmp_path / "out" / "a.ipynb") == 1
+    out = json.loads((tmp_path / "out" / "a.ipynb").read_text())
+    assert "y = x * 2" not in "".join(out["cells"][1]["source"])
+    assert out["cells"][1]["outputs"] == [] and out["cells"][1]["execution_count"] is None
+    assert out["cells"][0] == nb["cells"][0]
