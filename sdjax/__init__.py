@@ -6,6 +6,7 @@ Modules, in the order the learning path meets them:
     sdjax.data       offline datasets (shapes, digits), Hugging Face loader, batching, sharding
     sdjax.train      the shared training loop: jitted step, EMA, checkpoints, data parallelism
     sdjax.models     Autoencoder, AutoencoderKL (the VAE of notebook 02 and of Stable Diffusion)
+    sdjax.schedulers noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
     sdjax.viz        grids, loss curves, latent-space pictures
     sdjax.exercises  checks for the notebooks' exercises
     sdjax.io         safetensors save/load of pytrees and models

@@ -28,7 +28,6 @@ def _load_dataset(name: str, resolution: int, num_images: int, seed: int):
 
 
 def train_ae(args: argparse.Namespace) -> int:
-    import jax
     import numpy as np
     import optax
     from flax import nnx
@@ -42,12 +41,13 @@ def train_ae(args: argparse.Namespace) -> int:
         autoencoder_loss,
         vae_loss,
     )
+    from sdjax.nn import count_params
     from sdjax.train import fit
 
     if args.quick:
         args.steps, args.num_images = min(args.steps, 60), min(args.num_images, 512)
     ds = _load_dataset(args.dataset, args.resolution, args.num_images, args.seed)
-    images = ds.images
+    images = ds.images[np.random.default_rng(args.seed).permutation(len(ds))]  # a random held-out split
     n_val = max(len(images) // 10, 8)
     train, val = images[n_val:], images[:n_val]
     channels = images.shape[-1]
@@ -69,7 +69,7 @@ def train_ae(args: argparse.Namespace) -> int:
     print(
         f"{args.model}: {len(train)} training images {images.shape[1:]} → latents {(h, w, c)}, "
         f"compression {images[0].size / (h * w * c):.1f}×, "
-        f"{sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters"
+        f"{count_params(model):,} parameters"
     )
 
     out = Path(args.out)

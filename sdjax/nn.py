@@ -22,6 +22,11 @@ from flax import nnx
 Array = jax.Array
 
 
+def count_params(module: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param`` entries) of a module."""
+    return sum(p.size for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
 def sinusoidal_embedding(
     t: Array,
     dim: int,

@@ -181,6 +181,8 @@ def fit(
     for done, batch in enumerate(bar, start=start + 1):
         state, metrics = train_step(state, shard_batch(batch, mesh))
         pending.append((done, metrics))
+        if len(pending) > 1:  # one step in flight at most, so the bar counts finished steps
+            jax.block_until_ready(pending[-2][1])
         if len(pending) >= 50 or done == steps:
             flush()
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}")

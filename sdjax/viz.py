@@ -45,21 +45,48 @@ def show_grid(images, nrow: int = 8, title: str | None = None, ax=None, scale: f
     return ax
 
 
-def show_rows(rows: dict[str, object], scale: float = 1.0):
-    """One labelled row per entry, e.g. ``{"input": x, "reconstruction": x_hat}``; returns the Figure."""
+def show_rows(rows, scale: float = 1.0):
+    """One labelled row per entry of ``{"input": x, "reconstruction": x_hat}`` (or a list of
+    ``(label, images)`` pairs, when labels repeat); returns the Figure."""
     import matplotlib.pyplot as plt
 
-    grids = {name: make_grid(imgs, nrow=len(imgs)) for name, imgs in rows.items()}
-    width = max(g.shape[1] for g in grids.values())
-    height = sum(g.shape[0] for g in grids.values())
+    pairs = rows.items() if isinstance(rows, dict) else rows
+    grids = [(name, make_grid(imgs, nrow=len(imgs))) for name, imgs in pairs]
+    width = max(g.shape[1] for _, g in grids)
+    height = sum(g.shape[0] for _, g in grids)
     fig, axes = plt.subplots(
         len(grids), 1, figsize=(scale * width / 40 + 1.5, scale * height / 40 + 0.5), squeeze=False
     )
-    for ax, (name, grid) in zip(axes[:, 0], grids.items()):
+    for ax, (name, grid) in zip(axes[:, 0], grids):
         ax.imshow(grid, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def show_captioned(images, captions, ncol: int = 4, width: int = 30, scale: float = 1.0):
+    """Images in a grid, each titled with its caption wrapped to ``width`` characters; returns the Figure.
+
+    For captioned datasets and prompts: ``show_captioned(ds.images[:8], ds.captions[:8])``.
+    """
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    x = to_uint8(images)
+    n = len(x)
+    ncol = min(ncol, n)
+    nrows = -(-n // ncol)
+    lines = [textwrap.wrap(str(c), width) or [""] for c in captions]
+    title_h = 0.16 * max(len(wrapped) for wrapped in lines)
+    fig, axes = plt.subplots(nrows, ncol, figsize=(scale * 2.2 * ncol, scale * (2.0 + title_h) * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, image, wrapped in zip(axes.ravel(), x, lines):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title("\n".join(wrapped), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -105,8 +132,12 @@ def pca_2d(points) -> np.ndarray:
     return u[:, :2] * s[:2]
 
 
-def latent_scatter(latents, labels, label_names=None, ax=None, title: str | None = None):
-    """Scatter latents in 2-D (PCA when they have more dims), coloured by an integer label."""
+def latent_scatter(latents, labels, label_names=None, ax=None, title: str | None = None, colors=None):
+    """Scatter latents in 2-D (PCA when they have more dims), coloured by an integer label.
+
+    ``colors`` optionally maps each label value to a matplotlib colour (e.g. the RGB of a colour
+    name); by default the tab10/tab20 palette is used.
+    """
     import matplotlib.pyplot as plt
 
     z = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
@@ -118,7 +149,8 @@ def latent_scatter(latents, labels, label_names=None, ax=None, title: str | None
     for lab in np.unique(labels):
         sel = labels == lab
         name = label_names[lab] if label_names is not None else str(lab)
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(int(lab) % cmap.N), label=name)
+        color = colors[int(lab)] if colors is not None else cmap(int(lab) % cmap.N)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=color, label=name)
     ax.legend(markerscale=3, fontsize=8, loc="best")
     ax.set_xlabel("z₁" if z.shape[1] == 2 else "PC 1")
     ax.set_ylabel("z₂" if z.shape[1] == 2 else "PC 2")

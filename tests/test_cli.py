@@ -12,8 +12,26 @@ from sdjax.models import AutoencoderKL, VAEConfig
 
 def test_train_vae_from_the_command_line_and_resume(tmp_path, capsys):
     out = tmp_path / "vae"
-    args = ["train-ae", "--model", "vae", "--dataset", "shapes", "--resolution", "16", "--num-images", "128",
-            "--channels", "8", "16", "--steps", "4", "--batch-size", "8", "--out", str(out)]
+    args = [
+        "train-ae",
+        "--model",
+        "vae",
+        "--dataset",
+        "shapes",
+        "--resolution",
+        "16",
+        "--num-images",
+        "128",
+        "--channels",
+        "8",
+        "16",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "compression 3.0×" in text and "held-out reconstruction MSE" in text

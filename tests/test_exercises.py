@@ -21,8 +21,10 @@ CASES = {
             (lambda x: jnp.tile(x, (1, 2, 2, 1)), "each pixel"),
             (lambda x: jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1), "axes 1 and 2"),
             (lambda x: jnp.repeat(x, 2, axis=1), "only H was doubled"),
-            (lambda x: jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "bilinear"),
-             "bilinear"),
+            (
+                lambda x: jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "bilinear"),
+                "bilinear",
+            ),
         ],
     ),
     "reconstruction_loss": (
@@ -107,10 +109,17 @@ def test_strip_solutions(tmp_path):
     nb = {
         "cells": [
             {"cell_type": "markdown", "metadata": {}, "source": ["# BEGIN SOLUTION is just text here"]},
-            {"cell_type": "code", "metadata": {}, "source": source.splitlines(True), "outputs": [{"x": 1}],
-             "execution_count": 3},
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "source": source.splitlines(True),
+                "outputs": [{"x": 1}],
+                "execution_count": 3,
+            },
         ],
-        "metadata": {}, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
     }
     (tmp_path / "a.ipynb").write_text(json.dumps(nb))
     assert ex.strip_notebook(tmp_path / "a.ipynb", tmp_path / "out" / "a.ipynb") == 1

@@ -129,30 +129,16 @@ def shapes_images():
     return make_shapes(512, resolution=16, seed=0).images
 
 
-def test_autoencoder_learns_shapes(shapes_images):
-    """60 Adam steps at lr 2e-3 take the reconstruction MSE of random init (≈ the pixel variance,
-    ~0.3–0.6 here) to well under half of it; a broken gradient or a loss that ignores the decoder
-    would stay near the start."""
-    model = Autoencoder(AutoencoderConfig(**TINY), rngs=nnx.Rngs(0))
-    res = fit(
-        model,
-        autoencoder_loss,
-        {"image": shapes_images},
-        steps=60,
-        batch_size=32,
-        optimizer=optax.adam(2e-3),
-        seed=0,
-        progress=False,
-    )
-    first, last = np.mean(res.history["loss"][:5]), np.mean(res.history["loss"][-5:])
-    assert last < 0.5 * first, (first, last)
-    assert last < 0.15, last
-
-
-def test_vae_learns_shapes(shapes_images):
-    """Same budget for the VAE with β = 1e-3: the negative ELBO must fall by more than half too."""
-    model = AutoencoderKL(VAEConfig(**TINY), rngs=nnx.Rngs(0))
-    loss = functools.partial(vae_loss, kl_weight=1e-3)
+@pytest.mark.parametrize("kind", ["autoencoder", "vae"])
+def test_model_learns_shapes(kind, shapes_images):
+    """60 Adam steps at lr 2e-3 (β = 1e-3 for the VAE) must more than halve the loss and bring the
+    reconstruction MSE under 0.15. At random init the MSE is about the pixel variance of `shapes`
+    (~0.3–0.6); the mean image alone scores ~0.5. A broken gradient, a loss that ignores the decoder
+    or a KL term that swamps the reconstruction would all stay above these bounds."""
+    if kind == "autoencoder":
+        model, loss = Autoencoder(AutoencoderConfig(**TINY), rngs=nnx.Rngs(0)), autoencoder_loss
+    else:
+        model, loss = AutoencoderKL(VAEConfig(**TINY), rngs=nnx.Rngs(0)), functools.partial(vae_loss, kl_weight=1e-3)
     res = fit(
         model,
         loss,

@@ -23,6 +23,32 @@ from nbclient.exceptions import CellExecutionError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _final_text(text: str) -> str:
+    """What a terminal would show: each line keeps only what follows its last carriage return."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def collapse_streams(nb) -> None:
+    """Merge consecutive stdout/stderr outputs of a cell and resolve progress-bar redraws (tqdm's
+    '\r' updates), so a saved notebook holds what the reader saw, not hundreds of fragments."""
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            if (
+                out.output_type == "stream"
+                and merged
+                and merged[-1].output_type == "stream"
+                and merged[-1].name == out.name
+            ):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = _final_text(out.text)
+        cell["outputs"] = merged
+
+
 def run(path: Path, *, quick: bool, write: bool, online: bool, timeout: int) -> tuple[float, str]:
     nb = nbformat.read(path, as_version=4)
     os.environ["SDJAX_QUICK"] = "1" if quick else "0"
@@ -40,6 +66,7 @@ def run(path: Path, *, quick: bool, write: bool, online: bool, timeout: int) -> 
         print(f"--- {path.name} failed ---\n{e}", file=sys.stderr)
     elapsed = time.perf_counter() - start
     if write and status == "ok":
+        collapse_streams(nb)
         nbformat.write(nb, path)
     return elapsed, status
 

@@ -10,9 +10,10 @@ which makes the latent space smooth (nearby z decode to similar images) and lets
 images by decoding z ∼ N(0, I). With β → 0 it becomes a plain autoencoder; with β large the
 posteriors collapse to the prior and reconstructions blur.
 
-Stable Diffusion's autoencoder is this model with a tiny weight (β ≈ 1e-6 on a per-pixel loss,
-plus perceptual and adversarial losses, Rombach et al. 2022 §3): just enough KL to keep the latents
-well-scaled and smooth for the diffusion model, not so much that detail is lost. ``VAEConfig.sd()``
+Stable Diffusion's autoencoder is this model with a tiny KL weight (β ≈ 1e-6 against a
+reconstruction term summed over the pixels of each image, L1 + LPIPS, plus an adversarial loss;
+Rombach et al. 2022 §3): just enough KL to keep the latents well-scaled and smooth for the diffusion
+model, not so much that detail is lost. ``VAEConfig.sd()``
 is its exact architecture; the toy VAE of notebook 02 is the same code with a small config.
 """
 
