@@ -32,6 +32,8 @@ def collapse_streams(nb) -> None:
     """Merge consecutive stdout/stderr outputs of a cell and resolve progress-bar redraws (tqdm's
     '\r' updates), so a saved notebook holds what the reader saw, not hundreds of fragments."""
     for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
         merged = []
         for out in cell.get("outputs", []):
             if (
