@@ -1,5 +1,6 @@
 """The command line: ``sdjax train-ae`` trains, saves, and resumes from its own checkpoint."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,5 +51,8 @@ def test_train_vae_from_the_command_line_and_resume(tmp_path, capsys):
 def test_strip_solutions_command(tmp_path):
     root = Path(__file__).resolve().parents[1] / "notebooks"
     assert main(["strip-solutions", str(root), str(tmp_path)]) == 0
-    stripped = list(tmp_path.glob("*.ipynb"))
-    assert stripped and all("# BEGIN SOLUTION" not in p.read_text() for p in stripped)
+    stripped = sorted(tmp_path.glob("*.ipynb"))
+    assert [p.name for p in stripped] == sorted(p.name for p in root.glob("*.ipynb"))
+    for path in stripped:
+        code = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        assert "# BEGIN SOLUTION" not in code and "YOUR CODE HERE" in code, path.name
