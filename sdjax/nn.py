@@ -190,3 +190,38 @@ class SelfAttention(nnx.Module):
         split = lambda t: t.reshape(b, h * w, self.heads, c // self.heads)  # noqa: E731
         out = attention(split(self.to_q(tokens)), split(self.to_k(tokens)), split(self.to_v(tokens)))
         return x + self.to_out(out.reshape(b, h * w, c)).reshape(b, h, w, c)
+
+
+class MidBlock(nnx.Module):
+    """ResnetBlock → SelfAttention → ResnetBlock at the lowest resolution: the bottleneck of SD's VAE
+    (no time input) and of the UNets (time-conditioned resnets), diffusers' ``UNetMidBlock2D``.
+
+    Attention sits here because its cost grows with (H·W)², smallest at the lowest resolution, and
+    it gives every position a view of the whole image that convolutions alone lack.
+
+    Shapes: x (B, h, w, C), t_emb (B, D_t) or None → (B, h, w, C).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        attention: bool = True,
+        temb_dim: int | None = None,
+        heads: int = 1,
+        groups: int = 32,
+        eps: float = 1e-6,
+        rngs: nnx.Rngs,
+    ):
+        self.resnets = nnx.List(
+            [ResnetBlock(channels, channels, temb_dim=temb_dim, groups=groups, eps=eps, rngs=rngs) for _ in range(2)]
+        )
+        self.attentions = nnx.List(
+            [SelfAttention(channels, heads=heads, groups=groups, eps=eps, rngs=rngs)] if attention else []
+        )
+
+    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+        x = self.resnets[0](x, temb)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x, temb)

@@ -1,6 +1,7 @@
 """sdjax's networks: each model in one file, its config a frozen dataclass."""
 
 from sdjax.models.autoencoder import Autoencoder, AutoencoderConfig, Decoder, Encoder, autoencoder_loss
+from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, vae_loss
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "Decoder",
     "DiagonalGaussian",
     "Encoder",
+    "UNet2D",
+    "UNetConfig",
     "VAEConfig",
     "autoencoder_loss",
     "vae_loss",

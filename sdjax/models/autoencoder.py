@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.nn import Downsample, ResnetBlock, SelfAttention, Upsample, conv, group_norm
+from sdjax.nn import Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm
 
 Array = jax.Array
 
@@ -69,20 +69,6 @@ class AutoencoderConfig:
                 f"use a size that is a multiple of {f}"
             )
         return height // f, width // f, self.latent_channels
-
-
-class MidBlock(nnx.Module):
-    """ResnetBlock → (SelfAttention) → ResnetBlock at the lowest resolution. (B,h,w,C) → (B,h,w,C)."""
-
-    def __init__(self, channels: int, *, attention: bool, groups: int, rngs: nnx.Rngs):
-        self.resnets = nnx.List([ResnetBlock(channels, channels, groups=groups, rngs=rngs) for _ in range(2)])
-        self.attentions = nnx.List([SelfAttention(channels, groups=groups, rngs=rngs)] if attention else [])
-
-    def __call__(self, x: Array) -> Array:
-        x = self.resnets[0](x)
-        for attn in self.attentions:
-            x = attn(x)
-        return self.resnets[1](x)
 
 
 class EncoderBlock(nnx.Module):

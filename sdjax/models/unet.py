@@ -30,7 +30,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.nn import Downsample, ResnetBlock, SelfAttention, Upsample, conv, group_norm, sinusoidal_embedding
+from sdjax.nn import (
+    Downsample,
+    MidBlock,
+    ResnetBlock,
+    SelfAttention,
+    Upsample,
+    conv,
+    group_norm,
+    sinusoidal_embedding,
+)
 
 Array = jax.Array
 
@@ -199,26 +208,6 @@ class DownBlock(nnx.Module):
             x = down(x)
             skips.append(x)
         return x, tuple(skips)
-
-
-class MidBlock(nnx.Module):
-    """The bottleneck: ResnetBlock → SelfAttention → ResnetBlock, all at the lowest resolution.
-
-    diffusers' ``UNetMidBlock2D``. The time-conditioned sibling of the autoencoder's ``MidBlock``.
-    Shapes: x (B, h, w, C), t_emb (B, D_t) → (B, h, w, C).
-    """
-
-    def __init__(self, channels: int, *, temb_dim: int, heads: int, groups: int, eps: float, rngs: nnx.Rngs):
-        self.resnets = nnx.List(
-            [ResnetBlock(channels, channels, temb_dim=temb_dim, groups=groups, eps=eps, rngs=rngs) for _ in range(2)]
-        )
-        self.attentions = nnx.List([SelfAttention(channels, heads=heads, groups=groups, eps=eps, rngs=rngs)])
-
-    def __call__(self, x: Array, temb: Array) -> Array:
-        x = self.resnets[0](x, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            x = resnet(attn(x), temb)
-        return x
 
 
 class UpBlock(nnx.Module):
