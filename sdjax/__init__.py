@@ -5,8 +5,11 @@ Modules, in the order the learning path meets them:
     sdjax.nn         building blocks (ResnetBlock, Downsample, Upsample, SelfAttention, embeddings)
     sdjax.data       offline datasets (shapes, digits), Hugging Face loader, batching, sharding
     sdjax.train      the shared training loop: jitted step, EMA, checkpoints, data parallelism
-    sdjax.models     Autoencoder, AutoencoderKL (the VAE of notebook 02 and of Stable Diffusion)
+    sdjax.models     Autoencoder, AutoencoderKL (the VAE of notebook 02 and of Stable Diffusion), UNet2D
     sdjax.schedulers noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
+    sdjax.diffusion  the diffusion training loss and the sampling loops (compiled and step by step)
+    sdjax.pretrained small trained models shipped with sdjax, and the recipes that made them
+    sdjax.metrics    sample quality: nearest real images, held-out share, coverage
     sdjax.viz        grids, loss curves, latent-space pictures
     sdjax.exercises  checks for the notebooks' exercises
     sdjax.io         safetensors save/load of pytrees and models

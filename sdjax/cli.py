@@ -1,11 +1,15 @@
 """The ``sdjax`` command line.
 
     sdjax train-ae --model vae --dataset shapes --steps 2000 --out runs/vae
+    sdjax train-ddpm --out runs/ddpm
     sdjax strip-solutions notebooks/ exercises/
 
 ``train-ae`` trains the autoencoder of notebook 01 (``--model ae``) or the VAE of notebook 02
 (``--model vae``) offline on ``shapes``/``digits`` or on a Hugging Face dataset when online. Run it
 again with the same ``--out`` to resume from the checkpoint there.
+
+``train-ddpm`` repeats the recipe of a model shipped in ``sdjax.pretrained`` (notebook 03's pixel
+DDPM) and writes its weights in the shipped format, plus a grid of samples.
 """
 
 from __future__ import annotations
@@ -97,6 +101,48 @@ def train_ae(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_ddpm(args: argparse.Namespace) -> int:
+    import datetime
+    import time
+
+    import jax
+
+    from sdjax import pretrained, viz
+    from sdjax.diffusion import Sampler, sample
+    from sdjax.nn import count_params
+
+    recipe = pretrained.RECIPES[args.recipe]
+    steps, num_images = (min(recipe.steps, 10), 512) if args.quick else (args.steps or recipe.steps, None)
+    out = Path(args.out)
+    print(f"{recipe.name}: {count_params(recipe.model()):,} parameters, {steps} steps of batch {recipe.batch_size}")
+    start = time.time()
+    result = pretrained.train(recipe, steps=steps, num_images=num_images, checkpoint=out / "checkpoint.safetensors")
+    minutes = (time.time() - start) / 60
+    loss = pretrained.final_loss(result.history)
+    weights = out / f"{recipe.name}.safetensors"
+    device = jax.devices()[0]
+    pretrained.save(
+        weights,
+        result.ema_model,
+        recipe,
+        {
+            "steps": steps,
+            "final_loss": loss,
+            "device": f"{device.platform}: {device.device_kind} ×{jax.device_count()}",
+            "minutes_this_session": round(minutes, 1),
+            "date": datetime.date.today().isoformat(),
+        },
+    )
+    r = recipe.resolution
+    images = sample(
+        result.ema_model, recipe.schedule, jax.random.PRNGKey(0), (64, r, r, 3), sampler=Sampler("ddim", 50)
+    )
+    viz.save_grid(out / "samples.png", images, nrow=16)
+    print(f"step {steps}: mean loss of the last 200 steps {loss:.4f}; {minutes:.1f} min")
+    print(f"wrote {weights} and {out / 'samples.png'} (EMA weights, DDIM 50 steps)")
+    return 0
+
+
 def strip_solutions(args: argparse.Namespace) -> int:
     from sdjax.exercises import strip_notebook
 
@@ -131,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ae")
     p.add_argument("--quick", action="store_true", help="a few steps on a little data, to check the set-up")
     p.set_defaults(func=train_ae)
+
+    from sdjax.pretrained import RECIPES
+
+    p = sub.add_parser("train-ddpm", help="train notebook 03's pixel-space DDPM (the recipe of the shipped weights)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="ddpm-shapes16")
+    p.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--out", default="runs/ddpm")
+    p.add_argument("--quick", action="store_true", help="a few steps on a little data, to check the set-up")
+    p.set_defaults(func=train_ddpm)
 
     p = sub.add_parser("strip-solutions", help="write learners' copies of notebooks with exercise solutions removed")
     p.add_argument("src", help="a notebook or a folder of notebooks")

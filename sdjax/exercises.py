@@ -29,6 +29,7 @@ import numpy as np
 from sdjax.models.autoencoder import reconstruction_loss
 from sdjax.models.vae import kl_divergence, reparameterize
 from sdjax.nn import upsample_nearest
+from sdjax.schedulers import NoiseSchedule, ddpm_step, q_sample
 
 
 class ExerciseError(AssertionError):
@@ -47,15 +48,17 @@ def _run(name: str, fn: Callable, args) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def _check(name: str, fn: Callable, reference: Callable, args, mistakes: list[tuple[Callable, str]], rtol=1e-5) -> bool:
+def _check(
+    name: str, fn: Callable, reference: Callable, args, mistakes: list[tuple[Callable, str]], rtol=1e-5, atol=1e-6
+) -> bool:
     got = _run(name, fn, args)
     want = np.asarray(reference(*args), dtype=np.float64)
-    if got.shape == want.shape and np.allclose(got, want, rtol=rtol, atol=1e-6):
+    if got.shape == want.shape and np.allclose(got, want, rtol=rtol, atol=atol):
         print(f"✓ {name}: correct.")
         return True
     for wrong, why in mistakes:
         w = np.asarray(wrong(*args), dtype=np.float64)
-        if w.shape == got.shape and np.allclose(got, w, rtol=rtol, atol=1e-6):
+        if w.shape == got.shape and np.allclose(got, w, rtol=rtol, atol=atol):
             raise ExerciseError(f"{name}: {why}")
     if got.shape != want.shape:
         raise ExerciseError(f"{name}: the output has shape {got.shape}, expected {want.shape}.")
@@ -178,6 +181,105 @@ def check_kl_divergence(fn: Callable) -> bool:
         ),
     ]
     return _check("kl_divergence", fn, kl_divergence, (mean, logvar), mistakes)
+
+
+# --- notebook 03 ------------------------------------------------------------------------------------
+
+# The exercises' schedule: DDPM's linear β, no clipping (the exercises use the equations as written).
+_DDPM = NoiseSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
+
+
+def check_q_sample(fn: Callable) -> bool:
+    """Exercise: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, with ``fn(x0, t, noise, alphas_cumprod)``.
+
+    x0, noise (B, H, W, C); t (B,) int, one timestep per image; alphas_cumprod (T,) → (B, H, W, C).
+    """
+    x0, noise = _inputs(4, (5, 4, 4, 3), (5, 4, 4, 3))
+    t = jnp.array([0, 10, 250, 600, 999])
+    ab = jnp.asarray(_DDPM.alphas_cumprod)
+
+    def per_image(c):
+        return c[:, None, None, None]
+
+    mistakes = [
+        (
+            lambda x, t, n, ab: per_image(ab[t]) * x + per_image(1 - ab[t]) * n,
+            "the coefficients are square roots: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, so that the variance of x_t stays 1.",
+        ),
+        (
+            lambda x, t, n, ab: per_image(jnp.sqrt(ab[t])) * x + per_image(1 - ab[t]) * n,
+            "the noise is scaled by √(1 − ᾱ_t), the standard deviation, not by the variance 1 − ᾱ_t.",
+        ),
+        (
+            lambda x, t, n, ab: per_image(jnp.sqrt(1 - ab[t])) * x + per_image(jnp.sqrt(ab[t])) * n,
+            "x_0 and ε are swapped: the signal keeps √ᾱ_t (near 1 at small t) and the noise gets √(1 − ᾱ_t).",
+        ),
+        (
+            lambda x, t, n, ab: per_image(jnp.sqrt(ab[t - 1])) * x + per_image(jnp.sqrt(1 - ab[t - 1])) * n,
+            "off by one: timesteps are 0-indexed here, so use alphas_cumprod[t], not [t − 1].",
+        ),
+        (
+            lambda x, t, n, ab: per_image(jnp.sqrt(ab[t])) * x + per_image(jnp.sqrt(1 - ab[t])),
+            "the noise ε is missing from the second term.",
+        ),
+    ]
+    return _check("q_sample", fn, lambda x, t, n, ab: q_sample(_DDPM, x, t, n), (x0, t, noise, ab), mistakes)
+
+
+def check_ddpm_step(fn: Callable) -> bool:
+    """Exercise: one DDPM ancestral step (Algorithm 2), ``fn(x_t, eps_hat, t, betas, alphas_cumprod, z)``:
+
+        x_{t−1} = 1/√α_t · (x_t − β_t/√(1 − ᾱ_t) · ε̂) + σ_t z,   σ_t² = β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) · β_t,
+
+    with ᾱ_{−1} = 1, so that σ_0 = 0: the last step adds no noise. x_t, eps_hat, z (B, H, W, C); t a Python int; betas,
+    alphas_cumprod (T,) → x_{t−1} (B, H, W, C). Checked at t = 500, 1 and 0.
+    """
+    x_t, eps, z = _inputs(5, (2, 4, 4, 3), (2, 4, 4, 3), (2, 4, 4, 3))
+    betas, ab = jnp.asarray(_DDPM.betas), jnp.asarray(_DDPM.alphas_cumprod)
+
+    def mean(x, e, t, b, ab):
+        return (x - b[t] / jnp.sqrt(1 - ab[t]) * e) / jnp.sqrt(1 - b[t])
+
+    def ab_prev(ab, t):
+        return ab[t - 1] if t > 0 else 1.0
+
+    def posterior_std(t, b, ab):
+        return jnp.sqrt((1 - ab_prev(ab, t)) / (1 - ab[t]) * b[t])
+
+    mistakes = [
+        (
+            lambda x, e, t, b, ab, z: mean(x, e, t, b, ab) + (t > 0) * jnp.sqrt(b[t]) * z,
+            'σ_t² = β_t is DDPM\'s other choice ("fixed_large"); this exercise asks for the posterior '
+            "variance β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t.",
+        ),
+        (
+            lambda x, e, t, b, ab, z: (
+                (x - b[t] / jnp.sqrt(1 - ab[t]) * e) / jnp.sqrt(ab[t]) + (t > 0) * posterior_std(t, b, ab) * z
+            ),
+            "divide by √α_t = √(1 − β_t) of this one step, not by √ᾱ_t of the whole chain.",
+        ),
+        (
+            lambda x, e, t, b, ab, z: (
+                (x - b[t] / (1 - ab[t]) * e) / jnp.sqrt(1 - b[t]) + (t > 0) * posterior_std(t, b, ab) * z
+            ),
+            "ε̂ is scaled by β_t / √(1 − ᾱ_t): the square root is missing.",
+        ),
+        (
+            lambda x, e, t, b, ab, z: mean(x, e, t, b, ab) + (t > 0) * posterior_std(t, b, ab) ** 2 * z,
+            "z is scaled by the standard deviation σ_t, not by the variance σ_t².",
+        ),
+    ]
+
+    def reference(x, e, t, b, ab, z):
+        return ddpm_step(_DDPM, e, t, t - 1, x, z).x_prev
+
+    # sdjax (like diffusers) forms β_t as 1 − ᾱ_t/ᾱ_{t−1}, which in float32 keeps only ~4 digits at
+    # t = 1 (β_1 ≈ 1.2e-4); the exercise's β_t comes straight from betas. Hence atol 1e-5: every
+    # mistake above is off by more than 1e-3.
+    ok = True
+    for t in (500, 1, 0):
+        ok &= _check(f"ddpm_step at t={t}", fn, reference, (x_t, eps, t, betas, ab, z), mistakes, rtol=1e-4, atol=1e-5)
+    return ok
 
 
 # --- stripping solutions ------------------------------------------------------------------------------

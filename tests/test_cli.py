@@ -56,3 +56,14 @@ def test_strip_solutions_command(tmp_path):
     for path in stripped:
         code = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
         assert "# BEGIN SOLUTION" not in code and "YOUR CODE HERE" in code, path.name
+
+
+def test_train_ddpm_quick_writes_loadable_weights(tmp_path, capsys):
+    from sdjax import pretrained
+
+    assert main(["train-ddpm", "--quick", "--out", str(tmp_path)]) == 0
+    assert "step 10:" in capsys.readouterr().out
+    model, schedule = pretrained.load("ddpm-shapes16", path=tmp_path / "ddpm-shapes16.safetensors")
+    assert schedule == pretrained.DDPM_SHAPES16.schedule
+    assert pretrained.info(path=tmp_path / "ddpm-shapes16.safetensors")["steps"] == 10
+    assert (tmp_path / "samples.png").is_file()

@@ -13,6 +13,30 @@ from sdjax.models.autoencoder import reconstruction_loss
 from sdjax.models.vae import kl_divergence, reparameterize
 from sdjax.nn import upsample_nearest
 
+
+def per_image(c):
+    return c[:, None, None, None]
+
+
+def q_sample(x0, t, noise, ab):
+    return per_image(jnp.sqrt(ab[t])) * x0 + per_image(jnp.sqrt(1 - ab[t])) * noise
+
+
+def ddpm_mean(x, e, t, b, ab):
+    return (x - b[t] / jnp.sqrt(1 - ab[t]) * e) / jnp.sqrt(1 - b[t])
+
+
+def ddpm_step(x, e, t, b, ab, z):
+    if t == 0:
+        return ddpm_mean(x, e, t, b, ab)
+    return ddpm_mean(x, e, t, b, ab) + jnp.sqrt((1 - ab[t - 1]) / (1 - ab[t]) * b[t]) * z
+
+
+def noise(x, e, t, b, ab, z):
+    """The σ_t z term of the correct step."""
+    return ddpm_step(x, e, t, b, ab, z) - ddpm_mean(x, e, t, b, ab)
+
+
 CASES = {
     "upsample_nearest": (
         ex.check_upsample_nearest,
@@ -55,6 +79,32 @@ CASES = {
             (lambda m, lv: -0.5 * jnp.sum(m**2 + jnp.exp(lv) - 1 - lv, axis=(1, 2, 3)), "never negative"),
         ],
     ),
+    "q_sample": (
+        ex.check_q_sample,
+        q_sample,
+        [
+            (lambda x, t, n, ab: per_image(ab[t]) * x + per_image(1 - ab[t]) * n, "square roots"),
+            (lambda x, t, n, ab: per_image(jnp.sqrt(1 - ab[t])) * x + per_image(jnp.sqrt(ab[t])) * n, "swapped"),
+            (lambda x, t, n, ab: q_sample(x, t - 1, n, ab), "off by one"),
+        ],
+    ),
+    "ddpm_step": (
+        ex.check_ddpm_step,
+        ddpm_step,
+        [
+            (lambda x, e, t, b, ab, z: ddpm_mean(x, e, t, b, ab) + (t > 0) * jnp.sqrt(b[t]) * z, "fixed_large"),
+            (
+                lambda x, e, t, b, ab, z: (
+                    (x - b[t] / jnp.sqrt(1 - ab[t]) * e) / jnp.sqrt(ab[t]) + noise(x, e, t, b, ab, z)
+                ),
+                "√α_t",
+            ),
+            (
+                lambda x, e, t, b, ab, z: (x - b[t] / (1 - ab[t]) * e) / jnp.sqrt(1 - b[t]) + noise(x, e, t, b, ab, z),
+                "square root is missing",
+            ),
+        ],
+    ),
 }
 
 
@@ -69,7 +119,7 @@ def test_check_passes_the_solution(name, capsys):
 def test_check_explains_a_plausible_mistake(name, i):
     check, _, mistakes = CASES[name]
     wrong, says = mistakes[i]
-    with pytest.raises(ex.ExerciseError, match=f"^{name}: .*{re.escape(says)}"):
+    with pytest.raises(ex.ExerciseError, match=f"^{name}( at t=\\d+)?: .*{re.escape(says)}"):
         check(wrong)
 
 

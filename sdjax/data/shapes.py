@@ -170,12 +170,35 @@ def make_shapes(n: int, resolution: int = 32, seed: int = 0, max_objects: int = 
     SIZES, POSITIONS (-1 when the image has fewer than k + 1 objects); plus
     "n_objects" and "background" (index into BACKGROUNDS).
     """
-    if resolution < 16:
-        raise ValueError(f"resolution must be >= 16 for shapes to stay recognisable, got {resolution}")
     if not 1 <= max_objects <= len(POSITIONS):
         raise ValueError(f"max_objects must be in 1..{len(POSITIONS)}, got {max_objects}")
     rng = np.random.default_rng(seed)
-    samples = [sample_attributes(rng, max_objects) for _ in range(n)]
+    return from_samples([sample_attributes(rng, max_objects) for _ in range(n)], resolution, max_objects)
+
+
+def catalogue(resolution: int = 32) -> ImageDataset:
+    """Every single-object image there is: 7 shapes × 8 colours × 2 sizes × 9 positions × 4
+    backgrounds = 4,032 images, in that nested order. Rendering is deterministic, so a
+    ``make_shapes(..., max_objects=1)`` image is always one of these: the reference against which
+    generated samples can be checked (sdjax.metrics)."""
+    samples = [
+        ShapesSample((ShapeObject(shape, colour, size, position),), background)
+        for shape in SHAPES
+        for colour in COLOURS
+        for size in SIZES
+        for position in POSITIONS
+        for background in BACKGROUNDS
+    ]
+    return from_samples(samples, resolution, max_objects=1)
+
+
+def from_samples(samples: list[ShapesSample], resolution: int = 32, max_objects: int | None = None) -> ImageDataset:
+    """Render and label given attribute sets (labels as :func:`make_shapes`; ``max_objects`` slots,
+    default the most objects any sample has)."""
+    if resolution < 16:
+        raise ValueError(f"resolution must be >= 16 for shapes to stay recognisable, got {resolution}")
+    n = len(samples)
+    max_objects = max_objects or max(len(s.objects) for s in samples)
     images = np.empty((n, resolution, resolution, 3), np.float32)
     for i, sample in enumerate(samples):
         images[i] = render(sample, resolution)
@@ -199,7 +222,7 @@ def make_shapes(n: int, resolution: int = 32, seed: int = 0, max_objects: int = 
         labels=labels,
         label_names=label_names,
         captions=[caption(s) for s in samples],
-        attributes=samples,
+        attributes=list(samples),
     )
 
 

@@ -1,0 +1,260 @@
+"""Training a diffusion model and sampling from it: the simplified loss and the denoising loop.
+
+Training (DDPM, Ho et al. 2020, arXiv:2006.11239, Algorithm 1): draw a clean image x_0, a step
+t ∼ Uniform{0, …, T − 1} and noise ε ∼ N(0, I), form x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, and regress the
+network's output on its target (ε, v or x_0 — ``schedule.prediction_type``):
+
+    L_simple(θ) = E_{x_0, t, ε} ‖ target − f_θ(x_t, t) ‖²                                  (eq. 14)
+
+Predicting ε is the same as predicting x_0 up to a t-dependent weight (x̂_0 follows from ε̂ through
+eq. 4), but keeps the regression target of unit scale at every t, and the uniform weighting over t
+drops the full bound's large weights on the nearly noiseless steps, which makes samples better.
+
+Sampling (Algorithm 2, and DDIM, Song et al. 2020, arXiv:2010.02502): start from x_T ∼ N(0, I) and
+apply a reverse step from :mod:`sdjax.schedulers` for each timestep of a descending chain. Two loops
+run the *same* step function and give the same samples for the same key:
+
+* :func:`sample` — the whole chain in one ``jax.jit`` with ``lax.scan``: compiled once per
+  (model, shape, number of steps), then the fastest way to draw images;
+* :func:`sample_loop` — a Python loop over a jitted single step, with a progress bar and a record of
+  x_t and x̂_0 along the way, for watching an image emerge from the noise.
+
+Randomness: ``key`` splits into one key for x_T and one from which step i draws its noise as
+``fold_in(step_key, i)`` (:func:`step_noise`), so the two loops see identical random numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sdjax.schedulers import (
+    NoiseSchedule,
+    StepOutput,
+    ddim_step,
+    ddpm_step,
+    previous_timesteps,
+    q_sample,
+    training_target,
+)
+from sdjax.schedulers import timesteps as schedule_timesteps
+
+Array = jax.Array
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+
+def diffusion_loss(schedule: NoiseSchedule, *, image_key: str = "image") -> Callable:
+    """The simplified loss L_simple as a :func:`sdjax.train.fit` loss: ``(model, batch, key) -> (loss, metrics)``.
+
+    ``model(x_t, t)`` maps (B, H, W, C) and (B,) int timesteps to (B, H, W, C). ``batch[image_key]``
+    holds x_0 in [−1, 1]. The loss is the mean squared error per element, so with ε-prediction an
+    untrained network that outputs 0 scores 1.0 (the variance of ε) and a perfect one 0.
+    """
+
+    def loss_fn(model, batch, key):
+        x0 = batch[image_key]
+        key_t, key_eps = jax.random.split(key)
+        t = jax.random.randint(key_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
+        eps = jax.random.normal(key_eps, x0.shape, jnp.float32)
+        x_t = q_sample(schedule, x0, t, eps)
+        target = training_target(schedule, x0, t, eps)
+        prediction = model(x_t, t)
+        loss = jnp.mean((prediction.astype(jnp.float32) - target) ** 2)
+        return loss, {}
+
+    return loss_fn
+
+
+def reference_losses(images, schedule: NoiseSchedule) -> dict[str, float]:
+    """Two yardsticks for the value of :func:`diffusion_loss` on data like ``images`` (N, H, W, C).
+
+    "zero": the loss of a network that always outputs 0 — it knows nothing (1.0 for ε-prediction).
+    "gaussian": the loss of the best predictor that knows only each pixel's mean μ_i and variance s_i²,
+    i.e. the exact posterior mean if x_0 were independent Gaussian pixels. With a = ᾱ_t, the error
+    of E[ε | x_t] is a s²/(a s² + 1 − a) per pixel; v = (ε − √(1 − a) x_t)/√a and
+    x_0 = (x_t − √(1 − a) ε)/√a turn it into s²/(a s² + 1 − a) for v and (1 − a) s²/(a s² + 1 − a)
+    for x_0. Both are averaged over pixels and uniformly over t, in float64. A network below
+    "gaussian" has learned structure beyond per-pixel statistics.
+    """
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    s2, m2 = x.var(axis=0), np.mean(x**2, axis=0)
+    a = np.asarray(schedule.alphas_cumprod, np.float64)[:, None]
+    eps_error = a * s2 / (a * s2 + 1.0 - a)
+    kind = schedule.prediction_type
+    if kind == "epsilon":
+        zero, gaussian = np.ones_like(eps_error), eps_error
+    elif kind == "v_prediction":
+        zero, gaussian = a + (1.0 - a) * m2, eps_error / a
+    else:
+        zero, gaussian = np.broadcast_to(m2, eps_error.shape), eps_error * (1.0 - a) / a
+    return {"zero": float(np.mean(zero)), "gaussian": float(np.mean(gaussian))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Which reverse process to run, and how many steps.
+
+    name: "ddpm" — ancestral sampling, noise added at every step (``schedule.variance_type``);
+          "ddim" — DDIM; ``eta`` = 0 deterministic, 1 as stochastic as DDPM.
+    steps: N, the number of network evaluations; the timesteps follow ``schedule.timestep_spacing``.
+    eta: DDIM's η (ignored by "ddpm").
+    """
+
+    name: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in SAMPLERS:
+            raise ValueError(f"sampler {self.name!r}: expected one of {SAMPLERS}")
+        if self.name == "ddim" and not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"DDIM's eta must be in [0, 1], got {self.eta}")
+
+    def plan(self, schedule: NoiseSchedule) -> tuple[np.ndarray, np.ndarray]:
+        """The chain of (t, prev_t) pairs this sampler visits: two (N,) int32 arrays, t descending.
+
+        DDPM steps to the chain's next timestep; DDIM to t − T // N, diffusers' rule (see
+        :func:`sdjax.schedulers.previous_timesteps`).
+        """
+        ts = schedule_timesteps(schedule, self.steps)
+        stride = None if self.name == "ddpm" else schedule.num_train_timesteps // self.steps
+        return ts, previous_timesteps(ts, stride=stride)
+
+
+def denoise_step(
+    model, schedule: NoiseSchedule, sampler: Sampler, x: Array, t, prev_t, noise: Array | None
+) -> StepOutput:
+    """One reverse step of ``sampler`` from x_t at t to prev_t, with z = ``noise`` (None for DDIM with η = 0).
+
+    The network runs in whatever dtype its parameters have; the step's arithmetic is float32
+    (:mod:`sdjax.schedulers`), and x stays float32 across the chain.
+    Shapes: x, noise (B, H, W, C) float32; t, prev_t () int → StepOutput of (B, H, W, C) float32.
+    """
+    t_batch = jnp.full((x.shape[0],), t, jnp.int32)
+    out = model(x, t_batch).astype(jnp.float32)
+    if sampler.name == "ddpm":
+        return ddpm_step(schedule, out, t, prev_t, x, noise)
+    return ddim_step(schedule, out, t, prev_t, x, noise, eta=sampler.eta)
+
+
+def step_noise(sampler: Sampler, key: Array, i, shape: tuple[int, ...]) -> Array | None:
+    """z for step i: N(0, I) drawn from ``fold_in(second half of key, i)``; None when the step needs none."""
+    if sampler.name == "ddim" and sampler.eta == 0.0:
+        return None
+    return jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], i), shape, jnp.float32)
+
+
+def initial_noise(key: Array, shape: tuple[int, ...]) -> Array:
+    """x_T ∼ N(0, I) as both loops draw it: from the first half of ``key``."""
+    return jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler"))
+def _sample_scan(graphdef, state, schedule, sampler, x_T, key, ts, prev_ts):
+    model = nnx.merge(graphdef, state)
+
+    def body(x, inputs):
+        i, t, prev_t = inputs
+        return denoise_step(model, schedule, sampler, x, t, prev_t, step_noise(sampler, key, i, x.shape)).x_prev, None
+
+    x, _ = jax.lax.scan(body, x_T, (jnp.arange(len(ts)), ts, prev_ts))
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler"))
+def _sample_one_step(graphdef, state, schedule, sampler, x, key, i, t, prev_t):
+    model = nnx.merge(graphdef, state)
+    return denoise_step(model, schedule, sampler, x, t, prev_t, step_noise(sampler, key, i, x.shape))
+
+
+def _start(key, shape, x_T):
+    if x_T is None:
+        if shape is None:
+            raise ValueError("sample: give the output shape (B, H, W, C) or the starting noise x_T")
+        x_T = initial_noise(key, tuple(shape))
+    return jnp.asarray(x_T, jnp.float32)
+
+
+def sample(
+    model,
+    schedule: NoiseSchedule,
+    key: Array,
+    shape: tuple[int, ...] | None = None,
+    *,
+    sampler: Sampler = Sampler(),
+    x_T: Array | None = None,
+) -> Array:
+    """Draw samples with the whole denoising chain compiled into one ``lax.scan``.
+
+    ``x_T`` (B, H, W, C) overrides the starting noise (otherwise drawn from ``key`` with ``shape``),
+    which lets different samplers start from the same point. Returns x_0, (B, H, W, C) float32.
+    """
+    x_T = _start(key, shape, x_T)
+    ts, prev_ts = sampler.plan(schedule)
+    graphdef, state = nnx.split(model)
+    return _sample_scan(graphdef, state, schedule, sampler, x_T, key, jnp.asarray(ts), jnp.asarray(prev_ts))
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """What :func:`sample_loop` returns.
+
+    samples: x_0, (B, H, W, C). steps: the recorded timesteps t (descending), and for each,
+    x_t (the input of that step) and x0_pred (the step's x̂_0), each (B, H, W, C), on the host.
+    """
+
+    samples: Array
+    steps: list[int]
+    x_t: list[np.ndarray]
+    x0_pred: list[np.ndarray]
+
+
+def sample_loop(
+    model,
+    schedule: NoiseSchedule,
+    key: Array,
+    shape: tuple[int, ...] | None = None,
+    *,
+    sampler: Sampler = Sampler(),
+    x_T: Array | None = None,
+    record_every: int | None = None,
+    progress: bool = True,
+) -> Trajectory:
+    """Draw samples one step at a time, for teaching: same arguments and samples as :func:`sample`.
+
+    ``record_every`` = k keeps x_t and x̂_0 of every k-th step and the last one (None: only the last).
+    """
+    x = _start(key, shape, x_T)
+    ts, prev_ts = sampler.plan(schedule)
+    graphdef, state = nnx.split(model)
+    traj = Trajectory(samples=x, steps=[], x_t=[], x0_pred=[])
+    chain = tqdm(list(enumerate(zip(ts, prev_ts))), desc=f"{sampler.name} {sampler.steps} steps", disable=not progress)
+    for i, (t, prev_t) in chain:
+        out = _sample_one_step(
+            graphdef, state, schedule, sampler, x, key, jnp.int32(i), jnp.int32(t), jnp.int32(prev_t)
+        )
+        if (record_every and i % record_every == 0) or i == len(ts) - 1:
+            traj.steps.append(int(t))
+            traj.x_t.append(np.asarray(x))
+            traj.x0_pred.append(np.asarray(out.x0_pred))
+        x = out.x_prev
+    traj.samples = x
+    return traj

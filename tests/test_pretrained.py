@@ -1,0 +1,107 @@
+"""The shipped DDPM weights, their recipe, and the sample-quality measures of sdjax.metrics."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from sdjax import metrics, pretrained
+from sdjax.data import catalogue, make_shapes
+from sdjax.diffusion import Sampler, sample
+
+RECIPE = pretrained.DDPM_SHAPES16
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return catalogue(RECIPE.resolution)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def test_nearest_neighbours_matches_brute_force():
+    rng = np.random.default_rng(0)
+    q, r = rng.normal(size=(37, 4, 4, 3)), rng.normal(size=(50, 4, 4, 3))
+    dist, idx = metrics.nearest_neighbours(q, r, batch_size=8)
+    d = np.sqrt(((q.reshape(37, 1, -1) - r.reshape(1, 50, -1)) ** 2).mean(-1))
+    np.testing.assert_array_equal(idx, d.argmin(1))
+    np.testing.assert_allclose(dist, d.min(1), rtol=1e-10)
+    with pytest.raises(ValueError, match="values per image"):
+        metrics.nearest_neighbours(q, r[:, :2])
+
+
+def test_expected_distinct():
+    assert metrics.expected_distinct(1, 10) == pytest.approx(1.0)
+    assert metrics.expected_distinct(100_000, 10) == pytest.approx(10.0)
+    rng = np.random.default_rng(0)  # against simulation: 300 draws from 1000
+    sim = np.mean([len(np.unique(rng.integers(1000, size=300))) for _ in range(200)])
+    assert sim == pytest.approx(metrics.expected_distinct(300, 1000), rel=0.01)
+
+
+def test_catalogue_is_every_single_object_image(cat):
+    assert len(cat) == 7 * 8 * 2 * 9 * 4
+    assert len(np.unique(cat.images.reshape(len(cat), -1), axis=0)) == len(cat)  # all distinct
+    drawn = make_shapes(300, resolution=RECIPE.resolution, seed=3, max_objects=1)
+    dist, idx = metrics.nearest_neighbours(drawn.images, cat.images)
+    assert np.all(dist < 1e-6)
+    assert [cat.captions[i] for i in idx] == drawn.captions
+
+
+def test_report_on_real_images_and_on_a_copy_machine(cat):
+    held_out = RECIPE.is_held_out(cat.labels)
+    assert held_out.sum() == 406  # 29 of the 288 (colour, position, background) combinations × 14
+    fresh = make_shapes(2000, resolution=RECIPE.resolution, seed=5, max_objects=1).images
+    real = metrics.catalogue_report(fresh, cat.images, held_out)
+    assert real.median_distance < 1e-6 and real.recognisable == 1.0
+    assert 0.07 < real.held_out_share < 0.13  # 406 / 4032 = 10.1 %, ± 3 standard errors
+    copies = metrics.catalogue_report(RECIPE.data(2000).images, cat.images, held_out)
+    assert copies.held_out_share == 0.0  # training images never show a held-out combination
+    noise = metrics.catalogue_report(np.random.default_rng(0).normal(size=(50, 16, 16, 3)), cat.images, held_out)
+    assert noise.recognisable == 0.0
+
+
+def test_training_data_leaves_out_the_held_out_combinations():
+    ds = RECIPE.data(3000)
+    assert not RECIPE.is_held_out(ds.labels).any()
+    assert 0.85 * 3000 < len(ds) < 0.95 * 3000
+    assert (ds.labels["n_objects"] == 1).all()
+
+
+# --- the shipped weights --------------------------------------------------------------------------
+
+
+def test_shipped_weights_load_and_record_their_recipe():
+    model, schedule = pretrained.load("ddpm-shapes16")
+    assert schedule == RECIPE.schedule
+    info = pretrained.info("ddpm-shapes16")
+    assert info["recipe"] == "ddpm-shapes16" and info["steps"] == RECIPE.steps
+    assert pretrained.weights_path("ddpm-shapes16").stat().st_size < 8e6  # a few MB (float16)
+
+
+def test_shipped_model_makes_recognisable_novel_images(cat):
+    """A regression check on the shipped weights (measured values are in notebook 03)."""
+    model, schedule = pretrained.load()
+    images = sample(model, schedule, jax.random.PRNGKey(0), (200, 16, 16, 3), sampler=Sampler("ddim", 20))
+    report = metrics.catalogue_report(np.asarray(images), cat.images, RECIPE.is_held_out(cat.labels))
+    assert report.recognisable > 0.5, report
+    assert report.distinct > 0.6 * report.expected_distinct, report  # not a few images over and over
+
+
+def test_save_load_round_trip_and_errors(tmp_path):
+    model = RECIPE.model(seed=1)
+    pretrained.save(tmp_path / "w.safetensors", model, RECIPE, {"steps": 0})
+    loaded, _ = pretrained.load(path=tmp_path / "w.safetensors")
+    a = jax.tree.leaves(model)[0]
+    b = jax.tree.leaves(loaded)[0]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-6)  # float16 storage
+
+    with pytest.raises(FileNotFoundError, match="sdjax train-ddpm"):
+        pretrained.load(path=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="available"):
+        pretrained.load("stable-diffusion-9")
+    other = dataclasses.replace(RECIPE, unet=dataclasses.replace(RECIPE.unet, block_out_channels=(16, 32, 64)))
+    pretrained.save(tmp_path / "other.safetensors", other.model(), other, {})
+    with pytest.raises(ValueError, match="another shape"):
+        pretrained.load(path=tmp_path / "other.safetensors")
