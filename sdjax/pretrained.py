@@ -7,8 +7,9 @@ the run (``sdjax train-ddpm`` on the command line); ``load(name)`` gives the shi
     model, schedule = sdjax.pretrained.load("ddpm-shapes16")
     images = sdjax.diffusion.sample(model, schedule, key, (16, 16, 16, 3))
 
-Weights are stored in float16 (half the bytes; the difference to the float32 EMA weights is below
-1e-3 relative per tensor, invisible in samples) and loaded into float32 models.
+Weights are stored in float16 (half the bytes) and loaded into float32 models. Measured for
+ddpm-shapes16 against its float32 EMA weights: at most 9.8e-4 of each tensor's largest value, and
+64 DDIM-50 samples from the same key differ by at most 0.006 (under one 8-bit grey level).
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ DDPM_SHAPES16 = DDPMRecipe(
     ),
     # DDPM's own schedule (linear β from 1e-4 to 0.02 over T = 1000), with x̂_0 clipped to the pixel
     # range and "trailing" spacing, so even a 10-step DDIM chain starts from pure noise at t = 999.
-    # v-prediction: the same recipe with ε-prediction reached a lower-looking loss but its DDIM
-    # samples were grey blurs (0 % recognisable, see notebook 03): at large t an ε error is
+    # v-prediction: the same recipe with ε-prediction trained as expected (loss 0.012) but its DDIM
+    # samples were grey blurs (78 % grey backgrounds, none white or black; notebook 03): at large t an ε error is
     # multiplied by √(1 − ᾱ_t)/√ᾱ_t (up to 158) in x̂_0, so the global decisions made there
     # (background, where the shape goes) were barely trained. v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 weights
     # x̂_0 errors evenly over t.
