@@ -14,6 +14,7 @@ Shapes in docstrings use B = batch, H/W = height/width, C = channels, T = tokens
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -154,22 +155,72 @@ class Upsample(nnx.Module):
         return self.conv(upsample_nearest(x))
 
 
-def attention(q: Array, k: Array, v: Array) -> Array:
+def attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
     """Scaled dot-product attention, softmax(q kᵀ / √d) v, over (B, T, heads, d) inputs.
+
+    ``mask``: optional boolean array broadcastable to (B, heads, T_q, T_k); True where query i may
+    attend to key j (e.g. (B, 1, 1, T_k) to hide padding tokens). ``is_causal``: query i sees only
+    keys j ≤ i, as in a language model (CLIP's text encoder). Both together allow the logical AND.
 
     ``jax.nn.dot_product_attention`` lets XLA pick its kernel (and cuDNN's fused attention on GPU),
     while staying portable to CPU and TPU.
     """
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
 
 
-class SelfAttention(nnx.Module):
-    """Spatial self-attention with a residual connection, as in SD's VAE mid-block.
+class Attention(nnx.Module):
+    """Multi-head attention of queries from x over keys/values from a context (Vaswani et al. 2017):
+
+        Q = x W_q,  K = c W_k,  V = c W_v,   out = W_o · concat_h softmax(Q_h K_hᵀ / √d) V_h
+
+    with c = x (self-attention) or c = a text encoding (cross-attention, SD's UNet). diffusers'
+    ``Attention``: SD's UNet projects q, k, v without bias (``bias=False``), the VAE with bias.
+
+    ``upcast``: compute the softmax(QKᵀ)V in float32 even when the weights are bf16/fp16
+    (SD2.1's ``upcast_attention``: its attention logits overflow half precision).
+
+    Shapes: x (B, T, D_q), context (B, S, D_c) or None → (B, T, D_q); inner width = heads · head_dim.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        bias: bool = False,
+        upcast: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        inner, context_dim = heads * head_dim, context_dim or query_dim
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nnx.Linear(query_dim, inner, use_bias=bias, rngs=rngs)
+        self.to_k = nnx.Linear(context_dim, inner, use_bias=bias, rngs=rngs)
+        self.to_v = nnx.Linear(context_dim, inner, use_bias=bias, rngs=rngs)
+        self.to_out = nnx.Linear(inner, query_dim, rngs=rngs)
+
+    def attend(self, x: Array, context: Array | None = None) -> Array:
+        """The attention output before the residual: (B, T, D_q), (B, S, D_c) → (B, T, D_q)."""
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        split = lambda t: t.reshape(*t.shape[:2], self.heads, t.shape[-1] // self.heads)  # noqa: E731
+        dtype = jnp.float32 if self.upcast else x.dtype  # one dtype for all three (a float32 context
+        q, k, v = (split(a).astype(dtype) for a in (q, k, v))  # under a bf16 network would promote k, v)
+        out = attention(q, k, v).astype(x.dtype)
+        return self.to_out(out.reshape(*x.shape[:2], -1))
+
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        return self.attend(x, context)
+
+
+class SelfAttention(Attention):
+    """Spatial self-attention with a residual connection, as in SD's VAE mid-block and the pixel UNet.
 
     Every pixel is a token: x (B, H, W, C) is normalised, flattened to (B, H·W, C), and each token
-    attends to all others with multi-head attention (Vaswani et al. 2017):
+    attends to all others (:class:`Attention` with biases, context = the image itself):
 
-        Q = x W_q, K = x W_k, V = x W_v,   y = x + W_o · softmax(Q Kᵀ / √d) V
+        y = x + W_o · softmax(Q Kᵀ / √d) V,   Q, K, V = GroupNorm(x) W_{q,k,v}
 
     Shapes: (B, H, W, C) → (B, H, W, C). ``heads`` must divide C.
     """
@@ -177,36 +228,34 @@ class SelfAttention(nnx.Module):
     def __init__(self, channels: int, *, heads: int = 1, groups: int = 32, eps: float = 1e-6, rngs: nnx.Rngs):
         if channels % heads:
             raise ValueError(f"SelfAttention: heads={heads} must divide channels={channels}")
-        self.heads = heads
         self.group_norm = group_norm(channels, groups, eps, rngs)
-        self.to_q = nnx.Linear(channels, channels, rngs=rngs)
-        self.to_k = nnx.Linear(channels, channels, rngs=rngs)
-        self.to_v = nnx.Linear(channels, channels, rngs=rngs)
-        self.to_out = nnx.Linear(channels, channels, rngs=rngs)
+        super().__init__(channels, heads=heads, head_dim=channels // heads, bias=True, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
         b, h, w, c = x.shape
-        tokens = self.group_norm(x).reshape(b, h * w, c)
-        split = lambda t: t.reshape(b, h * w, self.heads, c // self.heads)  # noqa: E731
-        out = attention(split(self.to_q(tokens)), split(self.to_k(tokens)), split(self.to_v(tokens)))
-        return x + self.to_out(out.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return x + self.attend(self.group_norm(x).reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
 class MidBlock(nnx.Module):
-    """ResnetBlock → SelfAttention → ResnetBlock at the lowest resolution: the bottleneck of SD's VAE
-    (no time input) and of the UNets (time-conditioned resnets), diffusers' ``UNetMidBlock2D``.
+    """ResnetBlock → attention → ResnetBlock at the lowest resolution: the bottleneck of SD's VAE
+    (no time input), of the pixel UNet (time-conditioned resnets; diffusers' ``UNetMidBlock2D``) and
+    of SD's UNet (its attention a text-conditioned transformer; ``UNetMidBlock2DCrossAttn``).
 
     Attention sits here because its cost grows with (H·W)², smallest at the lowest resolution, and
     it gives every position a view of the whole image that convolutions alone lack.
 
-    Shapes: x (B, h, w, C), t_emb (B, D_t) or None → (B, h, w, C).
+    ``attention``: True for a :class:`SelfAttention`, False for none, or a function that builds the
+    attention for ``channels`` (SD's UNet passes one that builds a Transformer2D, called as
+    ``attention(x, context)``).
+
+    Shapes: x (B, h, w, C), t_emb (B, D_t) or None, context (B, S, D_c) or None → (B, h, w, C).
     """
 
     def __init__(
         self,
         channels: int,
         *,
-        attention: bool = True,
+        attention: bool | Callable[[int], nnx.Module] = True,
         temb_dim: int | None = None,
         heads: int = 1,
         groups: int = 32,
@@ -216,12 +265,12 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List(
             [ResnetBlock(channels, channels, temb_dim=temb_dim, groups=groups, eps=eps, rngs=rngs) for _ in range(2)]
         )
-        self.attentions = nnx.List(
-            [SelfAttention(channels, heads=heads, groups=groups, eps=eps, rngs=rngs)] if attention else []
-        )
+        if attention is True:
+            attention = lambda c: SelfAttention(c, heads=heads, groups=groups, eps=eps, rngs=rngs)  # noqa: E731
+        self.attentions = nnx.List([attention(channels)] if attention else [])
 
-    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+    def __call__(self, x: Array, temb: Array | None = None, context: Array | None = None) -> Array:
         x = self.resnets[0](x, temb)
         for attn in self.attentions:
-            x = attn(x)
+            x = attn(x) if context is None else attn(x, context)
         return self.resnets[1](x, temb)

@@ -1,6 +1,7 @@
 """sdjax's networks: each model in one file, its config a frozen dataclass."""
 
 from sdjax.models.autoencoder import Autoencoder, AutoencoderConfig, Decoder, Encoder, autoencoder_loss
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, vae_loss
 
@@ -8,6 +9,8 @@ __all__ = [
     "Autoencoder",
     "AutoencoderConfig",
     "AutoencoderKL",
+    "CLIPTextConfig",
+    "CLIPTextModel",
     "Decoder",
     "DiagonalGaussian",
     "Encoder",

@@ -44,6 +44,61 @@ class VAEConfig(AutoencoderConfig):
     use_quant_conv: bool = True
 
     @classmethod
+    def from_diffusers(cls, config: dict) -> VAEConfig:
+        """The config of a diffusers ``AutoencoderKL`` (its ``config.json``).
+
+        Options sdjax does not implement must have their default values (ValueError naming them
+        otherwise). ``force_upcast`` (decode in float32 under fp16) and ``sample_size`` do not change
+        the network and are ignored.
+        """
+        must_be = {
+            "act_fn": ("silu",),
+            "shift_factor": (None, 0, 0.0),
+            "latents_mean": (None,),
+            "latents_std": (None,),
+            "down_block_types": ("DownEncoderBlock2D",),
+            "up_block_types": ("UpDecoderBlock2D",),
+        }
+        bad = [
+            f"{k}={config[k]!r}"
+            for k, allowed in must_be.items()
+            if k in config
+            and any(v not in allowed for v in (config[k] if isinstance(config[k], list | tuple) else [config[k]]))
+        ]
+        if config.get("use_quant_conv", True) != config.get("use_post_quant_conv", True):
+            bad.append("use_quant_conv ≠ use_post_quant_conv")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"mid_block_attention"}
+        known = (
+            set(must_be) | fields | {"force_upcast", "sample_size", "use_post_quant_conv", "mid_block_add_attention"}
+        )
+        bad += [f"{k} (unknown key)" for k in config if not k.startswith("_") and k not in known]
+        if bad:
+            raise ValueError(
+                "this diffusers AutoencoderKL config uses options sdjax does not implement: " + ", ".join(bad)
+            )
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        return cls(mid_block_attention=config.get("mid_block_add_attention", True), **kwargs)
+
+    def to_diffusers(self) -> dict:
+        """The diffusers ``AutoencoderKL`` config.json of this architecture."""
+        levels = len(self.block_out_channels)
+        return {
+            "_class_name": "AutoencoderKL",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "scaling_factor": self.scaling_factor,
+            "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_quant_conv,
+            "mid_block_add_attention": self.mid_block_attention,
+        }
+
+    @classmethod
     def sd(cls) -> VAEConfig:
         """Stable Diffusion 1.x / 2.x autoencoder: f = 8, c = 4, ~84M parameters."""
         return cls(
