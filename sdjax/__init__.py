@@ -6,11 +6,14 @@ Modules, in the order the learning path meets them:
     sdjax.data       offline datasets (shapes, digits), Hugging Face loader, batching, sharding
     sdjax.train      the shared training loop: jitted step, EMA, checkpoints, data parallelism
     sdjax.models     Autoencoder, AutoencoderKL (the VAE of notebook 02 and of Stable Diffusion), UNet2D
+                     (pixel DDPM and SD's text-conditioned UNet), CLIPTextModel (SD's text encoder)
     sdjax.schedulers noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
     sdjax.diffusion  the diffusion training loss and the sampling loops (compiled and step by step)
     sdjax.pretrained small trained models shipped with sdjax, and the recipes that made them
     sdjax.metrics    sample quality: nearest real images, held-out share, coverage
     sdjax.viz        grids, loss curves, latent-space pictures
+    sdjax.tokenizer  CLIP's byte-level BPE tokenizer
+    sdjax.convert    Stable Diffusion weights in and out: diffusers folders, CompVis single files
     sdjax.exercises  checks for the notebooks' exercises
     sdjax.io         safetensors save/load of pytrees and models
 """

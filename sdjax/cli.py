@@ -2,6 +2,7 @@
 
     sdjax train-ae --model vae --dataset shapes --steps 2000 --out runs/vae
     sdjax train-ddpm --out runs/ddpm
+    sdjax convert SRC DST [--to sdjax|diffusers|compvis]
     sdjax strip-solutions notebooks/ exercises/
 
 ``train-ae`` trains the autoencoder of notebook 01 (``--model ae``) or the VAE of notebook 02
@@ -10,6 +11,9 @@ again with the same ``--out`` to resume from the checkpoint there.
 
 ``train-ddpm`` repeats the recipe of a model shipped in ``sdjax.pretrained`` (notebook 03's pixel
 DDPM) and writes its weights in the shipped format, plus a grid of samples.
+
+``convert`` reads Stable Diffusion weights from a diffusers folder, a CompVis single file or an
+sdjax folder, and writes them in any of the three layouts (see ``sdjax.convert``).
 """
 
 from __future__ import annotations
@@ -143,6 +147,23 @@ def train_ddpm(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    import time
+
+    from sdjax import convert
+    from sdjax.nn import count_params
+
+    start = time.time()
+    sd = convert.load(args.src)
+    loaded = time.time() - start
+    counts = {name: count_params(getattr(sd, name)) for name in ("unet", "vae", "text_encoder")}
+    print(f"read {args.src}: {sd.version.upper()}, " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in counts.items()))
+    out = convert.save(sd, args.dst, args.to)
+    written = time.time() - start - loaded
+    print(f"wrote {out} ({args.to or 'default'} layout); {loaded:.1f} s to read, {written:.1f} s to write")
+    return 0
+
+
 def strip_solutions(args: argparse.Namespace) -> int:
     from sdjax.exercises import strip_notebook
 
@@ -186,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ddpm")
     p.add_argument("--quick", action="store_true", help="a few steps on a little data, to check the set-up")
     p.set_defaults(func=train_ddpm)
+
+    p = sub.add_parser("convert", help="convert Stable Diffusion weights between diffusers, CompVis and sdjax layouts")
+    p.add_argument("src", help="a diffusers folder, an sdjax folder, or a CompVis .safetensors/.ckpt file")
+    p.add_argument("dst", help="output: a .safetensors file (CompVis layout) or a folder (sdjax layout)")
+    p.add_argument("--to", choices=["sdjax", "diffusers", "compvis"], default=None, help="override the layout")
+    p.set_defaults(func=convert)
 
     p = sub.add_parser("strip-solutions", help="write learners' copies of notebooks with exercise solutions removed")
     p.add_argument("src", help="a notebook or a folder of notebooks")

@@ -31,7 +31,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from sdjax.io import _path_str, flatten
+from sdjax.io import _path_str, flatten, read, save_tree, unflatten_like
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -640,3 +640,71 @@ def state_dict_names(module: nnx.Module) -> list[str]:
     """The PyTorch names of ``module``'s parameters, without touching their values."""
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param))[0]
     return [torch_name(_path_str(path)) for path, _ in leaves]
+
+
+# ---------------------------------------------------------------------------------------------------
+# sdjax's own format, and loading whatever a path holds
+# ---------------------------------------------------------------------------------------------------
+
+SDJAX_FILE = "sdjax.safetensors"
+
+
+def save_sdjax(sd: StableDiffusion, folder: str | os.PathLike) -> Path:
+    """sdjax's format: ``sdjax.safetensors`` (parameters under their sdjax paths, ``unet.…``, ``vae.…``,
+    ``text_encoder.…``, with the configs and schedule in the header) and ``tokenizer/``. Loading it
+    needs no renaming or transposing."""
+    folder = Path(folder)
+    trees = {name: nnx.state(getattr(sd, name), nnx.Param) for name in ("unet", "vae", "text_encoder")}
+    metadata = {
+        "format": "sdjax-stable-diffusion",
+        "unet": sd.unet.config.to_diffusers(),
+        "vae": sd.vae.config.to_diffusers(),
+        "text_encoder": dataclasses.asdict(sd.text_encoder.config),
+        "schedule": dataclasses.asdict(sd.schedule),
+    }
+    save_tree(folder / SDJAX_FILE, trees, metadata)
+    sd.tokenizer.save_folder(folder / "tokenizer")
+    return folder
+
+
+def load_sdjax(folder: str | os.PathLike) -> StableDiffusion:
+    """A folder written by :func:`save_sdjax`."""
+    folder = Path(folder)
+    flat, meta = read(folder / SDJAX_FILE)
+    if meta.get("format") != "sdjax-stable-diffusion":
+        raise ValueError(f"{folder / SDJAX_FILE} is not an sdjax Stable Diffusion file (written by save_sdjax)")
+    models = {
+        "unet": _abstract(UNet2D, UNetConfig.from_diffusers(meta["unet"])),
+        "vae": _abstract(AutoencoderKL, VAEConfig.from_diffusers(meta["vae"])),
+        "text_encoder": _abstract(CLIPTextModel, CLIPTextConfig.from_dict(meta["text_encoder"])),
+    }
+    template = {name: nnx.state(m, nnx.Param) for name, m in models.items()}
+    template = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), template)  # shapes only; never filled
+    trees = unflatten_like(template, flat, source=str(folder / SDJAX_FILE))
+    for name, model in models.items():
+        nnx.update(model, jax.tree.map(jnp.asarray, trees[name]))
+    return StableDiffusion(
+        **models,
+        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+        schedule=NoiseSchedule(**meta["schedule"]),
+    )
+
+
+def load(path: str | os.PathLike, **single_file_options) -> StableDiffusion:
+    """Stable Diffusion from any layout sdjax reads: an sdjax folder, a diffusers folder, or a CompVis
+    single file (``single_file_options`` go to :func:`load_single_file`)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_sdjax(path) if (path / SDJAX_FILE).is_file() else load_diffusers(path)
+    return load_single_file(path, **single_file_options)
+
+
+def save(sd: StableDiffusion, path: str | os.PathLike, layout: str | None = None) -> Path:
+    """Write ``sd`` as ``layout`` "sdjax", "diffusers" or "compvis" (default: compvis for a
+    ``.safetensors`` path, sdjax for a folder)."""
+    path = Path(path)
+    layout = layout or ("compvis" if path.suffix == ".safetensors" else "sdjax")
+    writers = {"sdjax": save_sdjax, "diffusers": save_diffusers, "compvis": save_single_file}
+    if layout not in writers:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(writers)}")
+    return writers[layout](sd, path)
