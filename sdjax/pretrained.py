@@ -15,7 +15,6 @@ ddpm-shapes16 against its float32 EMA weights: at most 9.8e-4 of each tensor's l
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -159,7 +158,13 @@ def load(name: str = "ddpm-shapes16", path: str | os.PathLike | None = None) -> 
         )
     model = recipe.model()
     flat, meta = io.read(path)
-    if meta.get("unet") != json.loads(json.dumps(dataclasses.asdict(recipe.unet))):
+    # Fields added to UNetConfig after a file was written take their defaults.
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("unet", {}).items()}
+    try:
+        same = UNetConfig(**saved) == recipe.unet
+    except (TypeError, ValueError):  # keys this sdjax does not know, or an invalid config
+        same = False
+    if not same:
         raise ValueError(f"{path} holds a network of another shape than recipe {name!r} (config {meta.get('unet')})")
     params = io.unflatten_like(nnx.state(model, nnx.Param), flat, source=str(path))
     nnx.update(model, params)

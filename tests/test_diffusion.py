@@ -145,8 +145,7 @@ diffusers = pytest.importorskip("diffusers")
 def reference_pair(seed=0):
     """A tiny diffusers UNet2DModel with random weights and the sdjax UNet2D holding the same weights."""
     torch.manual_seed(seed)
-    fields = {f.name: getattr(TINY, f.name) for f in dataclasses.fields(TINY)}
-    ref = diffusers.UNet2DModel(**fields).eval()
+    ref = diffusers.UNet2DModel.from_config(TINY.to_diffusers()).eval()
     ours = tiny_unet()
     load_torch_state(ours, ref.state_dict())
     return ref, ours
