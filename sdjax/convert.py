@@ -226,8 +226,9 @@ WEIGHT_FILES = (  # in order of preference: safetensors first, then pickles
 
 
 @dataclasses.dataclass
-class StableDiffusion:
-    """The networks of one Stable Diffusion checkpoint as sdjax modules, plus its tokenizer and schedule.
+class Components:
+    """The components of one Stable Diffusion checkpoint: its networks as sdjax modules, its tokenizer
+    and its noise schedule (what a sampling pipeline is built from).
 
     ``version`` is "sd1" or "sd2", told apart by the text encoder: OpenAI's CLIP ViT-L/14 (SD1,
     quick_gelu) or OpenCLIP's ViT-H/14 (SD2, exact gelu). In a single file the tensors' names say it
@@ -244,7 +245,7 @@ class StableDiffusion:
     def version(self) -> str:
         return "sd2" if self.text_encoder.config.hidden_act == "gelu" else "sd1"
 
-    def astype(self, dtype) -> StableDiffusion:
+    def astype(self, dtype) -> Components:
         """The same model with its networks' parameters cast to ``dtype`` (e.g. jnp.bfloat16)."""
         return dataclasses.replace(
             self, **{name: _cast(getattr(self, name), dtype) for name in ("unet", "vae", "text_encoder")}
@@ -318,7 +319,7 @@ def _abstract(cls, config):
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
 
 
-def load_diffusers(folder: str | os.PathLike) -> StableDiffusion:
+def load_diffusers(folder: str | os.PathLike) -> Components:
     """A diffusers Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -330,7 +331,7 @@ def load_diffusers(folder: str | os.PathLike) -> StableDiffusion:
             f"(found {sorted(p.name for p in folder.iterdir())}). Download or copy the whole folder."
         )
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    return StableDiffusion(
+    return Components(
         unet=load_unet(folder / "unet"),
         vae=load_vae(folder / "vae"),
         text_encoder=load_text_encoder(folder / "text_encoder"),
@@ -345,7 +346,7 @@ def _write_component(folder: Path, config: dict, weights: dict[str, np.ndarray],
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / filename))
 
 
-def save_diffusers(sd: StableDiffusion, folder: str | os.PathLike) -> Path:
+def save_diffusers(sd: Components, folder: str | os.PathLike) -> Path:
     """Write ``sd`` as a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` can load."""
     folder = Path(folder)
     _write_component(folder / "unet", sd.unet.config.to_diffusers(), state_dict(sd.unet), WEIGHT_FILES[0])
@@ -497,7 +498,7 @@ def _openclip_name(name: str) -> str:
     return name
 
 
-def to_compvis(sd: StableDiffusion) -> dict[str, np.ndarray]:
+def to_compvis(sd: Components) -> dict[str, np.ndarray]:
     """All of ``sd``'s weights in one CompVis-layout state dict (what a single-file checkpoint holds)."""
     out = {}
     unet_map, vae_map = _unet_modules(sd.unet.config), _vae_modules(sd.vae.config)
@@ -587,7 +588,7 @@ def load_single_file(
     text_encoder: CLIPTextConfig | None = None,
     schedule: NoiseSchedule | None = None,
     tokenizer: CLIPTokenizer | None = None,
-) -> StableDiffusion:
+) -> Components:
     """A CompVis single-file checkpoint (``.safetensors``, or ``.ckpt`` read with weights_only=True).
 
     The file says whether it is SD1 or SD2 (OpenCLIP names under ``cond_stage_model.model``); the
@@ -619,10 +620,10 @@ def load_single_file(
     ):
         models[name] = _abstract(cls, config)
         load_state_dict(models[name], weights, source=f"{path} ({name})")
-    return StableDiffusion(**models, tokenizer=tokenizer, schedule=schedule)
+    return Components(**models, tokenizer=tokenizer, schedule=schedule)
 
 
-def save_single_file(sd: StableDiffusion, path: str | os.PathLike) -> Path:
+def save_single_file(sd: Components, path: str | os.PathLike) -> Path:
     """Write ``sd`` as a CompVis single-file ``.safetensors`` (the layout of SD1.x/2.x release files)."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -649,7 +650,7 @@ def state_dict_names(module: nnx.Module) -> list[str]:
 SDJAX_FILE = "sdjax.safetensors"
 
 
-def save_sdjax(sd: StableDiffusion, folder: str | os.PathLike) -> Path:
+def save_sdjax(sd: Components, folder: str | os.PathLike) -> Path:
     """sdjax's format: ``sdjax.safetensors`` (parameters under their sdjax paths, ``unet.…``, ``vae.…``,
     ``text_encoder.…``, with the configs and schedule in the header) and ``tokenizer/``. Loading it
     needs no renaming or transposing."""
@@ -667,7 +668,7 @@ def save_sdjax(sd: StableDiffusion, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_sdjax(folder: str | os.PathLike) -> StableDiffusion:
+def load_sdjax(folder: str | os.PathLike) -> Components:
     """A folder written by :func:`save_sdjax`."""
     folder = Path(folder)
     flat, meta = read(folder / SDJAX_FILE)
@@ -683,14 +684,14 @@ def load_sdjax(folder: str | os.PathLike) -> StableDiffusion:
     trees = unflatten_like(template, flat, source=str(folder / SDJAX_FILE))
     for name, model in models.items():
         nnx.update(model, jax.tree.map(jnp.asarray, trees[name]))
-    return StableDiffusion(
+    return Components(
         **models,
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         schedule=NoiseSchedule(**meta["schedule"]),
     )
 
 
-def load(path: str | os.PathLike, **single_file_options) -> StableDiffusion:
+def load(path: str | os.PathLike, **single_file_options) -> Components:
     """Stable Diffusion from any layout sdjax reads: an sdjax folder, a diffusers folder, or a CompVis
     single file (``single_file_options`` go to :func:`load_single_file`)."""
     path = Path(path)
@@ -699,7 +700,7 @@ def load(path: str | os.PathLike, **single_file_options) -> StableDiffusion:
     return load_single_file(path, **single_file_options)
 
 
-def save(sd: StableDiffusion, path: str | os.PathLike, layout: str | None = None) -> Path:
+def save(sd: Components, path: str | os.PathLike, layout: str | None = None) -> Path:
     """Write ``sd`` as ``layout`` "sdjax", "diffusers" or "compvis" (default: compvis for a
     ``.safetensors`` path, sdjax for a folder)."""
     path = Path(path)
