@@ -9,6 +9,7 @@ Modules, in the order the learning path meets them:
                      (pixel DDPM and SD's text-conditioned UNet), CLIPTextModel (SD's text encoder)
     sdjax.schedulers noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
     sdjax.diffusion  the diffusion training loss and the sampling loops (compiled and step by step)
+    sdjax.samplers   eight samplers behind one interface (DDPM, DDIM, PLMS, Euler, Euler a, DPM++ 2M, LMS, Heun)
     sdjax.pretrained small trained models shipped with sdjax, and the recipes that made them
     sdjax.metrics    sample quality: nearest real images, held-out share, coverage
     sdjax.viz        grids, loss curves, latent-space pictures
