@@ -15,8 +15,13 @@ Modules, in the order the learning path meets them:
     sdjax.viz        grids, loss curves, latent-space pictures
     sdjax.tokenizer  CLIP's byte-level BPE tokenizer
     sdjax.convert    Stable Diffusion weights in and out: diffusers folders, CompVis single files
+    sdjax.pipeline   StableDiffusion: text to image (encode the prompt, denoise with guidance, decode)
     sdjax.exercises  checks for the notebooks' exercises
     sdjax.io         safetensors save/load of pytrees and models
 """
 
+from sdjax.pipeline import StableDiffusion
+
 __version__ = "0.1.0"
+
+__all__ = ["StableDiffusion"]

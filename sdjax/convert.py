@@ -233,6 +233,10 @@ class Components:
     ``version`` is "sd1" or "sd2", told apart by the text encoder: OpenAI's CLIP ViT-L/14 (SD1,
     quick_gelu) or OpenCLIP's ViT-H/14 (SD2, exact gelu). In a single file the tensors' names say it
     (:func:`detect_version`).
+
+    ``scheduler_config`` is a diffusers folder's ``scheduler_config.json`` as read (its ``_class_name``
+    and options such as ``use_karras_sigmas`` say which sampler the checkpoint ships with); None for
+    the layouts that do not record one.
     """
 
     unet: UNet2D
@@ -240,6 +244,7 @@ class Components:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
+    scheduler_config: dict | None = None
 
     @property
     def version(self) -> str:
@@ -330,13 +335,14 @@ def load_diffusers(folder: str | os.PathLike) -> Components:
             f"{folder} is not a complete diffusers Stable Diffusion folder: missing {missing} "
             f"(found {sorted(p.name for p in folder.iterdir())}). Download or copy the whole folder."
         )
-    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     return Components(
         unet=load_unet(folder / "unet"),
         vae=load_vae(folder / "vae"),
         text_encoder=load_text_encoder(folder / "text_encoder"),
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
-        schedule=NoiseSchedule.from_diffusers_config(_read_json(scheduler)),
+        schedule=NoiseSchedule.from_diffusers_config(scheduler),
+        scheduler_config=scheduler,
     )
 
 
