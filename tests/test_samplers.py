@@ -29,6 +29,7 @@ from sdjax import samplers
 from sdjax.samplers import KARRAS_SAMPLERS, SAMPLERS, Sampler, lms_coefficients, sigma_table
 from sdjax.schedulers import NoiseSchedule
 from tests.reference import nchw, nhwc, rel_err
+from tests.test_schedulers import SD15_CONFIG as RELEASED_SD15_CONFIG
 
 torch = pytest.importorskip("torch", reason="the reference extra (pip install -e '.[reference]') provides torch")
 diffusers = pytest.importorskip("diffusers")
@@ -37,22 +38,10 @@ RTOL = 1e-6
 CHAIN_RTOL = 2e-6
 SHAPE = (2, 8, 8, 4)  # (B, H, W, C); diffusers gets (2, 4, 8, 8)
 
-# runwayml/stable-diffusion-v1-5's scheduler_config.json (as in test_schedulers.py), plus the
-# timestep_spacing that a pipeline's PNDMScheduler config carries (PNDM's default), so that the usual
+# runwayml/stable-diffusion-v1-5's scheduler_config.json (test_schedulers.py), plus the timestep_spacing
+# that a pipeline's PNDMScheduler config carries (PNDM's default), so that the usual
 # ``X.from_config(pipe.scheduler.config)`` gives "leading" — not the "linspace" default of most classes.
-SD15_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-    "timestep_spacing": "leading",
-}
+SD15_CONFIG = {**RELEASED_SD15_CONFIG, "timestep_spacing": "leading"}
 CONFIGS = {
     "sd15": SD15_CONFIG,
     "v": SD15_CONFIG | {"prediction_type": "v_prediction"},
