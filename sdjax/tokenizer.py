@@ -204,7 +204,8 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> CLIPTokenizer:
-        """Load a diffusers/transformers ``tokenizer/`` folder: vocab.json, merges.txt and optional configs.
+        """Load a diffusers/transformers ``tokenizer/`` folder: vocab.json, merges.txt and optional configs
+        (or, as transformers 5 saves it, tokenizer.json holding vocab, merges and the added tokens).
 
         Special tokens and ``model_max_length`` come from tokenizer_config.json, overridden by
         special_tokens_map.json (SD 2.x sets ``pad_token: "!"`` only there), unless the config lists
@@ -212,17 +213,26 @@ class CLIPTokenizer:
         This is how transformers 5 resolves them; missing fields take CLIP's defaults.
         """
         folder = Path(path)
+        fast = folder / "tokenizer.json"  # transformers 5 saves only this (vocab and merges inside)
         missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
-        if missing:
+        if missing and fast.is_file():
+            model = json.loads(fast.read_text(encoding="utf-8"))
+            vocab = model["model"]["vocab"]
+            merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["model"]["merges"]]
+            fast_added = {t["content"]: t.get("normalized", False) for t in model.get("added_tokens", [])}
+        elif missing:
             raise FileNotFoundError(
-                f"{folder} is not a CLIP tokenizer folder: {' and '.join(missing)} not found. Pass a diffusers "
-                "model's tokenizer/ folder, or make one with CLIPTokenizer.from_bpe_file().save_folder(path)"
+                f"{folder} is not a CLIP tokenizer folder: {' and '.join(missing)} (or tokenizer.json) not found. "
+                "Pass a diffusers model's tokenizer/ folder, or make one with "
+                "CLIPTokenizer.from_bpe_file().save_folder(path)"
             )
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        merges = []
-        for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.startswith("#version"):
-                merges.append(tuple(line.split()))
+        else:
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            merges = []
+            for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines():
+                if line.strip() and not line.startswith("#version"):
+                    merges.append(tuple(line.split()))
+            fast_added = None
 
         def read_json(name: str) -> dict:
             file = folder / name
@@ -235,8 +245,12 @@ class CLIPTokenizer:
             fields.update({name: special_map[name] for name in SPECIAL_TOKEN_FIELDS if special_map.get(name)})
         # A field is either the token string or a dict {"content": string, "normalized": bool, ...}.
         content = {name: value["content"] if isinstance(value, dict) else value for name, value in fields.items()}
-        if "added_tokens_decoder" in config:
-            added = {t["content"]: t.get("normalized", False) for t in config["added_tokens_decoder"].values()}
+        listed = config.get("added_tokens_decoder")
+        if listed is not None or fast_added is not None:  # the saved list of added tokens is authoritative
+            if listed is not None:
+                added = {t["content"]: t.get("normalized", False) for t in listed.values()}
+            else:
+                added = dict(fast_added)
             for token in content.values():
                 added.setdefault(token, False)
         else:  # one entry per distinct string; a later field overwrites an earlier one's flag

@@ -100,9 +100,6 @@ def tiny_pipeline(folder):
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder / "model")
-    # transformers 5 saves the tokenizer as tokenizer.json alone; hub SD folders (and sdjax) have the
-    # vocab.json + merges.txt it was loaded from
-    CLIPTokenizer.from_bpe_file().save_folder(folder / "model" / "tokenizer")
     (folder / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder / "model")
     pipe.set_progress_bar_config(disable=True)

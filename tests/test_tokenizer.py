@@ -388,3 +388,16 @@ def test_byte_to_char_covers_every_vocabulary_symbol(ours):
     chars = set(BYTE_TO_CHAR.values())
     plain = [s.removesuffix("</w>") for s in ours.vocab if s not in ours.added_tokens]
     assert all(set(s) <= chars for s in plain)
+
+
+def test_folder_saved_by_transformers_5(tmp_path):
+    """transformers 5 writes only tokenizer.json (vocab, merges and added tokens inside) and a config;
+    from_folder reads that layout too, and gives transformers' ids."""
+    CLIPTokenizer.from_bpe_file(pad_token="!").save_folder(tmp_path / "ours")
+    hf = transformers.CLIPTokenizer.from_pretrained(tmp_path / "ours")
+    hf.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "vocab.json").exists() and (tmp_path / "saved" / "tokenizer.json").is_file()
+    tok = CLIPTokenizer.from_folder(tmp_path / "saved")
+    assert tok.vocab_size == 49408 and tok.pad_id == 0
+    for prompt in ("a photo of a cat!!", "(masterpiece:1.2), <lora:x:0.5> Ünïcödé 123", ""):
+        assert tok(prompt)[0].tolist() == hf(prompt, padding="max_length", max_length=77).input_ids
