@@ -11,11 +11,12 @@ eq. 4), but keeps the regression target of unit scale at every t, and the unifor
 drops the full bound's large weights on the nearly noiseless steps, which makes samples better.
 
 Sampling (Algorithm 2, and DDIM, Song et al. 2020, arXiv:2010.02502): start from x_T ∼ N(0, I) and
-apply a reverse step from :mod:`sdjax.schedulers` for each timestep of a descending chain. Two loops
-run the *same* step function and give the same samples for the same key:
+apply a reverse step for each timestep of a descending chain — any of the eight samplers of
+:mod:`sdjax.samplers` (DDPM, DDIM, PLMS, Euler, …; default DDIM with 50 steps). Two loops run the
+*same* step function and give the same samples for the same key:
 
 * :func:`sample` — the whole chain in one ``jax.jit`` with ``lax.scan``: compiled once per
-  (model, shape, number of steps), then the fastest way to draw images;
+  (model, shape, sampler), then the fastest way to draw images;
 * :func:`sample_loop` — a Python loop over a jitted single step, with a progress bar and a record of
   x_t and x̂_0 along the way, for watching an image emerge from the noise.
 
@@ -35,20 +36,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sdjax.schedulers import (
-    NoiseSchedule,
-    StepOutput,
-    ddim_step,
-    ddpm_step,
-    previous_timesteps,
-    q_sample,
-    training_target,
-)
-from sdjax.schedulers import timesteps as schedule_timesteps
+from sdjax.samplers import SIGMA_SAMPLERS, Plan, Sampler, denoised
+from sdjax.schedulers import NoiseSchedule, predict_x0, q_sample, training_target
 
 Array = jax.Array
 
-SAMPLERS = ("ddpm", "ddim")
+DEFAULT_SAMPLER = Sampler("ddim", 50)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,56 +101,32 @@ def reference_losses(images, schedule: NoiseSchedule) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """Which reverse process to run, and how many steps.
-
-    name: "ddpm" — ancestral sampling, noise added at every step (``schedule.variance_type``);
-          "ddim" — DDIM; ``eta`` = 0 deterministic, 1 as stochastic as DDPM.
-    steps: N, the number of network evaluations; the timesteps follow ``schedule.timestep_spacing``.
-    eta: DDIM's η (ignored by "ddpm").
-    """
-
-    name: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-
-    def __post_init__(self):
-        if self.name not in SAMPLERS:
-            raise ValueError(f"sampler {self.name!r}: expected one of {SAMPLERS}")
-        if self.name == "ddim" and not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"DDIM's eta must be in [0, 1], got {self.eta}")
-
-    def plan(self, schedule: NoiseSchedule) -> tuple[np.ndarray, np.ndarray]:
-        """The chain of (t, prev_t) pairs this sampler visits: two (N,) int32 arrays, t descending.
-
-        DDPM steps to the chain's next timestep; DDIM to t − T // N, diffusers' rule (see
-        :func:`sdjax.schedulers.previous_timesteps`).
-        """
-        ts = schedule_timesteps(schedule, self.steps)
-        stride = None if self.name == "ddpm" else schedule.num_train_timesteps // self.steps
-        return ts, previous_timesteps(ts, stride=stride)
-
-
-def denoise_step(
-    model, schedule: NoiseSchedule, sampler: Sampler, x: Array, t, prev_t, noise: Array | None
-) -> StepOutput:
-    """One reverse step of ``sampler`` from x_t at t to prev_t, with z = ``noise`` (None for DDIM with η = 0).
+def model_step(model, schedule: NoiseSchedule, sampler: Sampler, plan: Plan, i, x: Array, state: dict, noise):
+    """Evaluation i of ``sampler``'s chain: run the network on x and take the sampler's step.
 
     The network runs in whatever dtype its parameters have; the step's arithmetic is float32
-    (:mod:`sdjax.schedulers`), and x stays float32 across the chain.
-    Shapes: x, noise (B, H, W, C) float32; t, prev_t () int → StepOutput of (B, H, W, C) float32.
+    (:mod:`sdjax.samplers`), and x stays float32 across the chain.
+    Shapes: x, noise (B, H, W, C) float32 (noise None unless ``sampler.needs_noise``); i () int →
+    (x_next, state, x_t, x0_pred), the last two (B, H, W, C) float32: the image the network saw (x on the
+    DDPM scale) and its estimate of x_0 (clipped as the sampler clips it).
     """
-    t_batch = jnp.full((x.shape[0],), t, jnp.int32)
-    out = model(x, t_batch).astype(jnp.float32)
-    if sampler.name == "ddpm":
-        return ddpm_step(schedule, out, t, prev_t, x, noise)
-    return ddim_step(schedule, out, t, prev_t, x, noise, eta=sampler.eta)
+    x_t = sampler.model_input(plan, i, x)
+    t = jnp.asarray(plan.timesteps)[i]
+    out = model(x_t, jnp.full((x.shape[0],), t)).astype(jnp.float32)
+    if sampler.name in SIGMA_SAMPLERS:
+        x0_pred = denoised(schedule, out, x, jnp.asarray(plan.sigmas)[i])
+    else:
+        x0_pred = predict_x0(schedule, x_t, t.astype(jnp.int32), out)  # (t is integral here)
+    if schedule.clip_sample:
+        x0_pred = jnp.clip(x0_pred, -schedule.clip_sample_range, schedule.clip_sample_range)
+    x, state = sampler.step(schedule, plan, i, out, x, state, noise)
+    return x, state, x_t, x0_pred
 
 
 def step_noise(sampler: Sampler, key: Array, i, shape: tuple[int, ...]) -> Array | None:
-    """z for step i: N(0, I) drawn from ``fold_in(second half of key, i)``; None when the step needs none."""
-    if sampler.name == "ddim" and sampler.eta == 0.0:
+    """z for evaluation i: N(0, I) drawn from ``fold_in(second half of key, i)``; None when the sampler
+    takes none (:attr:`Sampler.needs_noise`)."""
+    if not sampler.needs_noise:
         return None
     return jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], i), shape, jnp.float32)
 
@@ -168,21 +137,24 @@ def initial_noise(key: Array, shape: tuple[int, ...]) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler"))
-def _sample_scan(graphdef, state, schedule, sampler, x_T, key, ts, prev_ts):
+def _sample_scan(graphdef, state, schedule, sampler, plan, x_T, key):
     model = nnx.merge(graphdef, state)
 
-    def body(x, inputs):
-        i, t, prev_t = inputs
-        return denoise_step(model, schedule, sampler, x, t, prev_t, step_noise(sampler, key, i, x.shape)).x_prev, None
+    def body(carry, i):
+        x, sampler_state = carry
+        noise = step_noise(sampler, key, i, x.shape)
+        x, sampler_state, _, _ = model_step(model, schedule, sampler, plan, i, x, sampler_state, noise)
+        return (x, sampler_state), None
 
-    x, _ = jax.lax.scan(body, x_T, (jnp.arange(len(ts)), ts, prev_ts))
+    x = x_T * plan.init_noise_sigma
+    (x, _), _ = jax.lax.scan(body, (x, sampler.init_state(x)), jnp.arange(len(plan.timesteps)))
     return x
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler"))
-def _sample_one_step(graphdef, state, schedule, sampler, x, key, i, t, prev_t):
+def _sample_one_step(graphdef, state, schedule, sampler, plan, x, sampler_state, key, i):
     model = nnx.merge(graphdef, state)
-    return denoise_step(model, schedule, sampler, x, t, prev_t, step_noise(sampler, key, i, x.shape))
+    return model_step(model, schedule, sampler, plan, i, x, sampler_state, step_noise(sampler, key, i, x.shape))
 
 
 def _start(key, shape, x_T):
@@ -199,26 +171,29 @@ def sample(
     key: Array,
     shape: tuple[int, ...] | None = None,
     *,
-    sampler: Sampler = Sampler(),
+    sampler: Sampler = DEFAULT_SAMPLER,
     x_T: Array | None = None,
 ) -> Array:
     """Draw samples with the whole denoising chain compiled into one ``lax.scan``.
 
-    ``x_T`` (B, H, W, C) overrides the starting noise (otherwise drawn from ``key`` with ``shape``),
-    which lets different samplers start from the same point. Returns x_0, (B, H, W, C) float32.
+    ``sampler``: any of :data:`sdjax.samplers.SAMPLERS` (default DDIM, 50 steps). ``x_T`` (B, H, W, C)
+    ∼ N(0, I) overrides the starting noise (otherwise drawn from ``key`` with ``shape``), which lets
+    different samplers start from the same point; σ samplers scale it by their ``init_noise_sigma``.
+    Returns x_0, (B, H, W, C) float32.
     """
     x_T = _start(key, shape, x_T)
-    ts, prev_ts = sampler.plan(schedule)
+    plan = jax.tree.map(jnp.asarray, sampler.plan(schedule))
     graphdef, state = nnx.split(model)
-    return _sample_scan(graphdef, state, schedule, sampler, x_T, key, jnp.asarray(ts), jnp.asarray(prev_ts))
+    return _sample_scan(graphdef, state, schedule, sampler, plan, x_T, key)
 
 
 @dataclasses.dataclass
 class Trajectory:
     """What :func:`sample_loop` returns.
 
-    samples: x_0, (B, H, W, C). steps: the recorded timesteps t (descending), and for each,
-    x_t (the input of that step) and x0_pred (the step's x̂_0), each (B, H, W, C), on the host.
+    samples: x_0, (B, H, W, C). steps: the recorded timesteps t (descending; fractional for σ
+    samplers between training steps), and for each, x_t (what the network saw, on the DDPM scale
+    √ᾱ_t x_0 + √(1 − ᾱ_t) ε) and x0_pred (its estimate x̂_0), each (B, H, W, C), on the host.
     """
 
     samples: Array
@@ -233,7 +208,7 @@ def sample_loop(
     key: Array,
     shape: tuple[int, ...] | None = None,
     *,
-    sampler: Sampler = Sampler(),
+    sampler: Sampler = DEFAULT_SAMPLER,
     x_T: Array | None = None,
     record_every: int | None = None,
     progress: bool = True,
@@ -243,18 +218,21 @@ def sample_loop(
     ``record_every`` = k keeps x_t and x̂_0 of every k-th step and the last one (None: only the last).
     """
     x = _start(key, shape, x_T)
-    ts, prev_ts = sampler.plan(schedule)
+    plan = jax.tree.map(jnp.asarray, sampler.plan(schedule))
+    x = x * plan.init_noise_sigma
+    sampler_state = sampler.init_state(x)
     graphdef, state = nnx.split(model)
     traj = Trajectory(samples=x, steps=[], x_t=[], x0_pred=[])
-    chain = tqdm(list(enumerate(zip(ts, prev_ts))), desc=f"{sampler.name} {sampler.steps} steps", disable=not progress)
-    for i, (t, prev_t) in chain:
-        out = _sample_one_step(
-            graphdef, state, schedule, sampler, x, key, jnp.int32(i), jnp.int32(t), jnp.int32(prev_t)
+    ts = np.asarray(plan.timesteps)
+    chain = tqdm(range(len(ts)), desc=f"{sampler.name} {sampler.steps} steps", disable=not progress)
+    for i in chain:
+        x_next, sampler_state, x_t, x0_pred = _sample_one_step(
+            graphdef, state, schedule, sampler, plan, x, sampler_state, key, jnp.int32(i)
         )
         if (record_every and i % record_every == 0) or i == len(ts) - 1:
-            traj.steps.append(int(t))
-            traj.x_t.append(np.asarray(x))
-            traj.x0_pred.append(np.asarray(out.x0_pred))
-        x = out.x_prev
+            traj.steps.append(float(ts[i]) if ts[i] % 1 else int(ts[i]))
+            traj.x_t.append(np.asarray(x_t))
+            traj.x0_pred.append(np.asarray(x0_pred))
+        x = x_next
     traj.samples = x
     return traj

@@ -84,18 +84,23 @@ def test_loss_of_zero_model_is_noise_variance():
 
 @pytest.mark.parametrize(
     "sampler",
-    [Sampler("ddpm", 10), Sampler("ddim", 10), Sampler("ddim", 10, eta=0.7)],
-    ids=["ddpm", "ddim", "ddim-eta"],
-)
+    [Sampler("ddpm", 10), Sampler("ddim", 10), Sampler("ddim", 10, eta=0.7), Sampler("plms", 10),
+     Sampler("euler_a", 10), Sampler("heun", 6), Sampler("dpmpp_2m", 10, karras=True)],
+    ids=["ddpm", "ddim", "ddim-eta", "plms", "euler_a", "heun", "dpmpp_2m-karras"],
+)  # fmt: skip
 def test_compiled_and_stepwise_loops_identical(sampler):
     model, key = tiny_unet(), jax.random.PRNGKey(3)
     fast = sample(model, PIXEL, key, (2, 8, 8, 3), sampler=sampler)
     traj = sample_loop(model, PIXEL, key, (2, 8, 8, 3), sampler=sampler, record_every=4, progress=False)
     np.testing.assert_array_equal(np.asarray(fast), np.asarray(traj.samples))
-    ts, _ = sampler.plan(PIXEL)
-    assert traj.steps == [int(ts[i]) for i in (0, 4, 8, 9)]
-    assert len(traj.x_t) == len(traj.x0_pred) == 4
-    np.testing.assert_array_equal(traj.x_t[0], diffusion.initial_noise(key, (2, 8, 8, 3)))
+    ts = sampler.plan(PIXEL).timesteps
+    k = len(ts)
+    assert traj.steps == pytest.approx([float(ts[i]) for i in sorted({0, 4, 8, k - 1} & set(range(k)))])
+    assert len(traj.x_t) == len(traj.x0_pred) == len(traj.steps)
+    x_T = diffusion.initial_noise(key, (2, 8, 8, 3))
+    # what the network saw first is x_T on the DDPM scale (σ samplers: x_T σ_max / √(σ_max² + 1))
+    np.testing.assert_allclose(traj.x_t[0], x_T, rtol=0, atol=2e-3 * float(jnp.max(jnp.abs(x_T))))
+    assert all(np.all(np.abs(x0) <= 1.0) for x0 in traj.x0_pred)  # PIXEL clips x̂_0
 
 
 def test_same_key_same_samples_other_key_other_samples():
@@ -108,17 +113,17 @@ def test_same_key_same_samples_other_key_other_samples():
 
 
 def test_sampler_plan():
-    ts, prev = Sampler("ddim", 10).plan(PIXEL)
-    np.testing.assert_array_equal(ts, np.arange(999, 0, -100))  # trailing: starts at T − 1
-    np.testing.assert_array_equal(prev, ts - 100)
-    ts, prev = Sampler("ddpm", 1000).plan(PIXEL)
-    np.testing.assert_array_equal(ts, np.arange(999, -1, -1))
-    np.testing.assert_array_equal(prev, np.arange(998, -2, -1))
+    plan = Sampler("ddim", 10).plan(PIXEL)
+    np.testing.assert_array_equal(plan.t, np.arange(999, 0, -100))  # trailing: starts at T − 1
+    np.testing.assert_array_equal(plan.prev_t, plan.t - 100)
+    plan = Sampler("ddpm", 1000).plan(PIXEL)
+    np.testing.assert_array_equal(plan.t, np.arange(999, -1, -1))
+    np.testing.assert_array_equal(plan.prev_t, np.arange(998, -2, -1))
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="expected one of"):
-        Sampler("euler")
+        Sampler("dpm_3m")
     with pytest.raises(ValueError, match="eta"):
         Sampler("ddim", eta=1.5)
     with pytest.raises(ValueError, match="shape"):
@@ -164,8 +169,8 @@ def diffusers_chain(ref, schedule, sampler, x_T, noises, monkeypatch, ours=None)
     cls = diffusers.DDPMScheduler if sampler.name == "ddpm" else diffusers.DDIMScheduler
     sched = diffusers_scheduler(cls, schedule)
     sched.set_timesteps(sampler.steps)
-    ts, prev_ts = sampler.plan(schedule)
-    np.testing.assert_array_equal(sched.timesteps.numpy(), ts)
+    plan = sampler.plan(schedule)
+    np.testing.assert_array_equal(sched.timesteps.numpy(), plan.timesteps)
     queue = [torch.from_numpy(nchw(n)) for n in noises]
     if sampler.name == "ddpm":  # DDPMScheduler draws its own noise; hand it ours, in order
         monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor", lambda *a, **k: queue.pop(0))
@@ -178,11 +183,11 @@ def diffusers_chain(ref, schedule, sampler, x_T, noises, monkeypatch, ours=None)
             x_prev = sched.step(out, t, x, **extra).prev_sample
             if ours is not None:
                 x_t, z = jnp.asarray(nhwc(x.numpy())), None if extra.get("eta") == 0 else jnp.asarray(noises[i])
-                step = diffusion.denoise_step(ours, schedule, sampler, x_t, ts[i], prev_ts[i], z)
-                worst_step = max(worst_step, rel_err(step.x_prev, nhwc(x_prev.numpy())))
+                step, _, _, _ = diffusion.model_step(ours, schedule, sampler, plan, i, x_t, {}, z)
+                worst_step = max(worst_step, rel_err(step, nhwc(x_prev.numpy())))
             x = x_prev
     if sampler.name == "ddpm":  # noise is drawn on every step but one at t = 0 (none in these chains)
-        assert len(queue) == int(np.sum(ts == 0))
+        assert len(queue) == int(np.sum(plan.timesteps == 0))
     return nhwc(x.numpy()), worst_step
 
 
@@ -199,7 +204,7 @@ def test_chain_matches_diffusers(schedule, sampler, monkeypatch):
     ref, ours = reference_pair()
     key, shape = jax.random.PRNGKey(5), (2, 8, 8, 3)
     x_T = diffusion.initial_noise(key, shape)
-    noisy = Sampler(sampler.name, sampler.steps, eta=1.0)  # (DDIM with η = 0 draws no noise; diffusers gets it anyway)
+    noisy = Sampler("ddim", sampler.steps, eta=1.0)  # (DDIM with η = 0 draws no noise; diffusers gets it anyway)
     noises = [np.asarray(diffusion.step_noise(noisy, key, i, shape)) for i in range(sampler.steps)]
     with monkeypatch.context() as m:
         want, worst_step = diffusers_chain(ref, schedule, sampler, x_T, noises, m, ours=ours)
