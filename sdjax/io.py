@@ -81,6 +81,9 @@ def save_tree(path: str | os.PathLike, tree, metadata: dict | None = None) -> No
     tmp = path.with_name(path.name + ".tmp")
     flat = {k: np.array(v, order="C") for k, v in flatten(tree).items()}  # (ascontiguousarray makes 0-d 1-d)
     save_file(flat, str(tmp), metadata={"sdjax": json.dumps(metadata or {})})
+    umask = os.umask(0)  # safetensors creates the file owner-only; give it the usual permissions
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
