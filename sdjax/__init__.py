@@ -15,7 +15,8 @@ Modules, in the order the learning path meets them:
     sdjax.viz        grids, loss curves, latent-space pictures
     sdjax.tokenizer  CLIP's byte-level BPE tokenizer
     sdjax.convert    Stable Diffusion weights in and out: diffusers folders, CompVis single files
-    sdjax.pipeline   StableDiffusion: text to image (encode the prompt, denoise with guidance, decode)
+    sdjax.pipeline   StableDiffusion: text to image (encode the prompt, denoise with guidance, decode),
+                     image to image (SDEdit) and inpainting
     sdjax.exercises  checks for the notebooks' exercises
     sdjax.io         safetensors save/load of pytrees and models
 """

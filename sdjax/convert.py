@@ -586,6 +586,14 @@ def detect_version(ckpt: dict[str, np.ndarray], source: str = "checkpoint") -> s
     raise ValueError(f"{source} has a UNet but no cond_stage_model.* text encoder; it is not a full SD1.x/2.x file")
 
 
+def unet_in_channels(ckpt: dict[str, np.ndarray], default: int = 4) -> int:
+    """The input channels of a CompVis state dict's UNet, read off its first convolution
+    (``input_blocks.0.0.weight``, (out, in, 3, 3)): 4 for the latents alone, 9 for an inpainting model
+    (latents, mask, masked-image latents). ``default`` when the file lacks that tensor."""
+    weight = ckpt.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    return default if weight is None or weight.ndim != 4 else int(weight.shape[1])
+
+
 def load_single_file(
     path: str | os.PathLike,
     *,
@@ -599,17 +607,21 @@ def load_single_file(
 
     The file says whether it is SD1 or SD2 (OpenCLIP names under ``cond_stage_model.model``); the
     networks' configs default to that version's (``UNetConfig.sd15()``/``sd2()`` ...), and any of
-    them can be given instead (tiny test models, or a fine-tune of another shape). The file does not
-    say what the UNet predicts: SD1.x and SD2 512-base predict ε, SD2 768-v predicts v — the default
-    for SD2 here; pass ``schedule=NoiseSchedule.sd15()`` for an SD2 ε-model.
+    them can be given instead (tiny test models, or a fine-tune of another shape). The UNet's input
+    channels are the file's whatever the config (:func:`unet_in_channels`: 9 for an inpainting model).
+    The file does not say what the UNet predicts: SD1.x, SD2 512-base and SD2 inpainting predict ε,
+    SD2 768-v predicts v — the default for SD2's 4-channel UNets here; pass
+    ``schedule=NoiseSchedule.sd15()`` for an SD2 ε-model.
     """
     ckpt = read_state_dict(path)
     version = detect_version(ckpt, str(path))
     sd2 = version == "sd2"
     unet = unet or (UNetConfig.sd2() if sd2 else UNetConfig.sd15())
+    unet = dataclasses.replace(unet, in_channels=unet_in_channels(ckpt, default=unet.in_channels))
     vae = vae or VAEConfig.sd()
     text_encoder = text_encoder or (CLIPTextConfig.sd2() if sd2 else CLIPTextConfig.sd1())
-    schedule = schedule or NoiseSchedule.sd15(prediction_type="v_prediction" if sd2 else "epsilon")
+    v_prediction = sd2 and unet.in_channels == vae.latent_channels
+    schedule = schedule or NoiseSchedule.sd15(prediction_type="v_prediction" if v_prediction else "epsilon")
     tokenizer = tokenizer or CLIPTokenizer.from_bpe_file(pad_token="!" if sd2 else "<|endoftext|>")
     unet_sd, vae_sd, text_sd, missing = _from_compvis(ckpt, unet, vae, text_encoder)
     if missing:

@@ -1,5 +1,6 @@
-"""Text to image with Stable Diffusion: the four stages of a txt2img run, as diffusers'
-``StableDiffusionPipeline`` runs them (Rombach et al. 2022, arXiv:2112.10752).
+"""Stable Diffusion (Rombach et al. 2022, arXiv:2112.10752): text to image, image to image and
+inpainting, as diffusers' ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and
+``StableDiffusionInpaintPipeline`` run them. First the four stages of a txt2img run:
 
 1. Encode the text. Each prompt becomes 77 CLIP token ids ([bos, tokens…, eos, pad…]; longer prompts
    are cut, with a warning), and the text encoder turns them into the context c = CLIP(ids), the
@@ -29,6 +30,33 @@
 4. Decode. SD's latents were multiplied by the VAE's ``scaling_factor`` s (0.18215) to have unit
    variance, so x̂ = Decoder(x_0 / s) ∈ [−1, 1], and the image is clip(x̂/2 + 1/2, 0, 1).
 
+Image to image (:meth:`StableDiffusion.img2img`) is SDEdit (Meng et al. 2021, arXiv:2108.01073): start
+the chain part-way, from the image itself with noise added. The image is encoded, x_0 = s · z with z
+a sample of the VAE's posterior q(z | image), and taken by the forward process,
+
+    x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε    (x_t = x_0 + σ_t ε for the σ samplers),    ε ∼ N(0, I),
+
+to the noise level at which the last n = ⌊N · strength⌋ of the sampler's N steps begin, and only those
+n steps are run. The noise drowns the image's fine detail but not its layout and
+colours, and the model redraws the detail after the prompt: strength near 0 keeps the image, 1
+redraws nearly all of it (:meth:`sdjax.samplers.Sampler.plan` with ``start``, ``Sampler.add_noise``).
+
+Inpainting (:meth:`StableDiffusion.inpaint`) repaints where the mask m is 1 (white) and keeps the rest,
+m binarised at 1/2 and taken to latent size by nearest-neighbour sampling. Two ways, by UNet:
+
+- An inpainting UNet (SD-inpainting: 9 input channels) is shown what to keep. At every evaluation
+  its input is [x_t, m, E(image ⊙ (1 − m))] along channels — the latents, the mask, and the latents
+  of the image with the hole blanked (0, mid-grey) — and it was fine-tuned to fill the hole to match.
+- An ordinary UNet (4 channels) is made to keep it by latent blending (Blended Latent Diffusion,
+  Avrahami et al. 2023, arXiv:2206.02779): after every step the outside of the hole is reset to the
+  image's own latents, noised to the level the chain has reached,
+
+      x ← (1 − m) · (√ᾱ_{t'} x_0 + √(1 − ᾱ_{t'}) ε) + m · x    (the clean x_0 after the last step),
+
+  so the model always sees the true surroundings and denoises the hole into agreement with them.
+
+Both start from pure noise at strength 1, and from the noised image (as img2img) below 1.
+
 Precision: the networks run in their parameters' dtype (float32 or bfloat16); the sampler's
 arithmetic and the latents stay float32 throughout (model outputs are cast to float32).
 """
@@ -37,7 +65,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +75,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import convert
+from sdjax.models.vae import reparameterize
 from sdjax.samplers import KARRAS_SAMPLERS, SAMPLERS, Plan, Sampler
 from sdjax.schedulers import NoiseSchedule
 
@@ -122,11 +153,107 @@ def schedule_for(sampler: Sampler, config: dict | None, default: NoiseSchedule) 
     return NoiseSchedule.from_diffusers_config(CLASS_DEFAULTS[sampler.name] | config)
 
 
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """The step an img2img or inpainting chain of N steps starts at: N − min(⌊N · strength⌋, N), the
+    first of the last ⌊N · strength⌋ (diffusers' ``get_timesteps``). ValueError for a strength outside
+    (0, 1] or one that leaves no step to run."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength} must be in (0, 1]: the share of the steps to redraw the image with")
+    kept = min(int(num_inference_steps * strength), num_inference_steps)
+    if kept < 1:
+        raise ValueError(
+            f"strength={strength} with num_inference_steps={num_inference_steps} runs int({num_inference_steps} · "
+            f"{strength}) = 0 steps; raise strength or num_inference_steps"
+        )
+    return num_inference_steps - kept
+
+
 def _as_list(prompt: str | list[str], what: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
     return prompts
+
+
+def _prompt_lists(prompt: str | list[str], negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:
+    """The prompts, and one negative prompt for each ("" by default, as diffusers)."""
+    prompts = _as_list(prompt, "prompt")
+    negatives = _as_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one each")
+    return prompts, negatives
+
+
+def _pil_or_list_of_pil(x) -> list | None:
+    """x as a list of PIL images if it is one or a list of them, else None."""
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        return [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(im, Image.Image) for im in x):
+        return list(x)
+    return None
+
+
+def _float_array(x, what: str, shapes: str) -> np.ndarray:
+    """An array of floats (or booleans) in [0, 1] as float32; ValueError naming ``what`` otherwise."""
+    array = np.asarray(x)
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise ValueError(
+            f"{what} must be a PIL image or an array of floats in [0, 1] {shapes}; got an array of {array.dtype}"
+            + (" (divide 8-bit values by 255)" if np.issubdtype(array.dtype, np.integer) else "")
+        )
+    array = array.astype(np.float32)
+    if array.size and not (array.min() >= 0.0 and array.max() <= 1.0):
+        raise ValueError(f"{what} values must be in [0, 1]; got [{array.min():g}, {array.max():g}]")
+    return array
+
+
+def load_images(image) -> np.ndarray:
+    """``image`` as (K, H, W, 3) float32 in [0, 1]. Accepted: a PIL image (any mode, made RGB), a list of
+    PIL images of one size, or a NumPy array of floats in [0, 1], (H, W, 3) or (K, H, W, 3). PIL's 8-bit
+    values are divided by 255, as diffusers' ``VaeImageProcessor`` does."""
+    pils = _pil_or_list_of_pil(image)
+    if pils is not None:
+        if len({im.size for im in pils}) > 1:
+            raise ValueError(f"images of different sizes {[im.size for im in pils]}: give images of one size")
+        return np.stack([np.array(im.convert("RGB")).astype(np.float32) / 255.0 for im in pils])
+    array = _float_array(image, "image", "(H, W, 3) or (K, H, W, 3)")
+    array = array[None] if array.ndim == 3 else array
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"image of shape {array.shape}: expected (H, W, 3) or (K, H, W, 3), RGB")
+    return array
+
+
+def load_masks(mask) -> np.ndarray:
+    """``mask`` as (M, H, W) float32 of 0s and 1s (1: repaint). Accepted: a PIL image (any mode, made
+    grey, "L"), a list of them, or an array of floats in [0, 1], (H, W) or (M, H, W). Binarised at 1/2,
+    as diffusers' mask processor does: m = 1 where the value is ≥ 0.5."""
+    pils = _pil_or_list_of_pil(mask)
+    if pils is not None:
+        if len({im.size for im in pils}) > 1:
+            raise ValueError(f"masks of different sizes {[im.size for im in pils]}: give masks of one size")
+        array = np.stack([np.array(im.convert("L")).astype(np.float32) / 255.0 for im in pils])
+    else:
+        array = _float_array(mask, "mask", "(H, W) or (M, H, W)")
+        array = array[None] if array.ndim == 2 else array
+        if array.ndim != 3:
+            raise ValueError(f"mask of shape {array.shape}: expected (H, W) or (M, H, W), one channel")
+    return (array >= 0.5).astype(np.float32)
+
+
+class Blend(NamedTuple):
+    """Latent blending for a 4-channel UNet's inpainting (module docstring), arrays for :func:`_denoise`.
+
+    mask: (N, h, w, 1) float32, 1 where the model paints. x0: (N, h, w, c) the image's latents.
+    noise: (N, h, w, c) the ε that takes x0 to each noise level.
+    """
+
+    mask: Array
+    x0: Array
+    noise: Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -147,20 +274,30 @@ def _denoise(
     context: Array,
     guidance_scale: Array,
     keys: Array,
+    cond: Array | None = None,
+    blend: Blend | None = None,
 ) -> Array:
     """The sampler's K evaluations over latents ``x`` as one ``lax.scan``.
 
-    x: (N, h, w, 4) float32, already scaled by init_noise_sigma. context: (2N, 77, D) = [c_∅; c] when
-    ``guided``, else (N, 77, D) = c. keys: (N, 2) image i's step-noise key; step i draws N(0, I) for
-    image n from ``fold_in(keys[n], i)``, so each image's noise is independent of the batch.
+    x: (N, h, w, 4) float32, the starting latents (x_T scaled by init_noise_sigma, or a noised image).
+    context: (2N, 77, D) = [c_∅; c] when ``guided``, else (N, 77, D) = c. keys: (N, 2) image i's
+    step-noise key; step i draws N(0, I) for image n from ``fold_in(keys[n], i)``, so each image's noise
+    is independent of the batch.
+    cond: (N, h, w, C) channels the UNet takes after x's, the same at every evaluation (an inpainting
+    UNet's mask and masked-image latents, C = 5); None for none.
+    blend: latent blending after every step (:class:`Blend`); None for none.
     Returns the final latents (N, h, w, 4) float32.
     """
     unet = nnx.merge(graphdef, state)
     dtype = context.dtype
+    last = len(plan.timesteps) - 1
 
     def body(carry, i):
         x, sampler_state = carry
-        x_in = sampler.model_input(plan, i, x).astype(dtype)
+        x_in = sampler.model_input(plan, i, x)
+        if cond is not None:
+            x_in = jnp.concatenate([x_in, cond], axis=-1)
+        x_in = x_in.astype(dtype)
         t = jnp.asarray(plan.timesteps)[i]
         if guided:
             # one pass on [x; x] with [c_∅; c], then ε̂ = ε̂_∅ + w (ε̂_c − ε̂_∅)
@@ -174,10 +311,26 @@ def _denoise(
             draw = lambda key: jax.random.normal(jax.random.fold_in(key, i), x.shape[1:], jnp.float32)  # noqa: E731
             noise = jax.vmap(draw)(keys)
         x, sampler_state = sampler.step(schedule, plan, i, out, x, sampler_state, noise)
+        if blend is not None:
+            # outside the mask: the image's latents at the noise level of the next evaluation, the
+            # clean ones after the last (diffusers' add_noise(init_latents, noise, timesteps[i + 1]))
+            known = sampler.add_noise(schedule, plan, jnp.minimum(i + 1, last), blend.x0, blend.noise)
+            known = jnp.where(i < last, known, blend.x0)
+            x = (1.0 - blend.mask) * known + blend.mask * x
         return (x, sampler_state), None
 
     (x, _), _ = jax.lax.scan(body, (x, sampler.init_state(x)), jnp.arange(len(plan.timesteps)))
     return x
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode(graphdef, state, images: Array) -> tuple[Array, Array]:
+    """Images (B, H, W, 3) float32 in [−1, 1] → the VAE's posterior q(z | x): its mean and log-variance,
+    each (B, H/f, W/f, c) float32."""
+    vae = nnx.merge(graphdef, state)
+    dtype = jax.tree.leaves(state)[0].dtype
+    posterior = vae.encode(images.astype(dtype))
+    return posterior.mean.astype(jnp.float32), posterior.logvar.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -189,8 +342,37 @@ def _decode(graphdef, state, latents: Array, scaling_factor: float) -> Array:
     return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
 
+def _caller_outside_this_module() -> int:
+    """The ``stacklevel`` at which a warning raised by the caller of this function names the user's line:
+    the first frame up the stack outside this file (txt2img, img2img and inpaint reach encode_prompt
+    through different depths)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _image_keys(seed: int, n: int, parts: int) -> Array:
+    """(parts, n, 2): image i's key ``fold_in(PRNGKey(seed), i)`` split in ``parts``, whatever n is."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(n))
+    return jax.vmap(lambda key: jax.random.split(key, parts), out_axes=1)(keys)
+
+
+def _normal(keys: Array, shape: tuple[int, ...]) -> Array:
+    """One N(0, I) draw of ``shape`` per key: keys (n, 2) → (n, *shape) float32."""
+    return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)
+
+
+def _nhwc(value, what: str, expected: tuple[int, ...]) -> Array:
+    """A user's (N, C, h, w) latent-space array (diffusers' layout) as (N, h, w, C) float32, shape-checked."""
+    if tuple(np.shape(value)) != expected:
+        raise ValueError(f"{what} of shape {tuple(np.shape(value))}: expected {expected} (N, C, h, w)")
+    return jnp.asarray(np.asarray(value, np.float32).transpose(0, 2, 3, 1))
+
+
 class StableDiffusion:
-    """A Stable Diffusion 1.x/2.x text-to-image pipeline (module docstring).
+    """A Stable Diffusion 1.x/2.x pipeline: txt2img (call it), :meth:`img2img`, :meth:`inpaint` (module
+    docstring).
 
     Build it with :meth:`from_pretrained`, or from :class:`sdjax.convert.Components` directly, then
     call it with prompts.
@@ -226,6 +408,11 @@ class StableDiffusion:
     def dtype(self) -> jnp.dtype:
         return jax.tree.leaves(nnx.state(self.unet, nnx.Param))[0].dtype
 
+    @property
+    def is_inpainting_model(self) -> bool:
+        """Whether the UNet takes the mask and masked-image latents besides x (SD-inpainting's 9 channels)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
     def encode_prompt(self, prompts: list[str]) -> Array:
         """Prompts → contexts (B, 77, D), warning about every prompt cut to fit 77 tokens."""
         for text in prompts:
@@ -235,7 +422,7 @@ class StableDiffusion:
                 warnings.warn(
                     f"prompt {text[:40]!r}{'...' if len(text) > 40 else ''} is over CLIP's "
                     f"{self.tokenizer.model_max_length} tokens: its last {dropped} tokens were dropped ({lost!r})",
-                    stacklevel=3,
+                    stacklevel=_caller_outside_this_module(),
                 )
         graphdef, state = nnx.split(self.text_encoder)
         return _encode_text(graphdef, state, jnp.asarray(self.tokenizer(prompts)))
@@ -246,6 +433,42 @@ class StableDiffusion:
             below, above = value // m * m, (value // m + 1) * m
             nearest = f"{below} or {above}" if below > 0 else f"{above}"
             raise ValueError(f"{name}={value} is not a multiple of {m}; the nearest valid sizes are {nearest}")
+
+    def _check_unet(self, task: str) -> None:
+        """txt2img and img2img need a UNet that takes the latents alone."""
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            what = "it is an inpainting model: use inpaint()" if self.is_inpainting_model else "sdjax cannot run it"
+            raise ValueError(
+                f"this checkpoint's UNet takes {self.unet.config.in_channels} input channels, not the latents' "
+                f"{self.vae.config.latent_channels}, so it cannot run {task}; {what}"
+            )
+
+    def _sampler(self, scheduler: str | None, steps: int, eta: float, start: int = 0):
+        """(sampler, its schedule, its plan from step ``start``) for a run."""
+        sampler = sampler_from_config(self.components.scheduler_config, scheduler, steps, eta)
+        schedule = schedule_for(sampler, self.components.scheduler_config, self.schedule)
+        return sampler, schedule, sampler.plan(schedule, start)
+
+    def _contexts(self, prompts: list[str], negatives: list[str], copies: int, guided: bool) -> Array:
+        """Each prompt's context repeated for its ``copies`` images: (N, 77, D), or [c_∅; c] (2N, 77, D)
+        under guidance."""
+        context = jnp.repeat(self.encode_prompt(prompts), copies, axis=0)
+        if guided:
+            uncond = jnp.repeat(self.encode_prompt(negatives), copies, axis=0)
+            context = jnp.concatenate([uncond, context])
+        return context
+
+    def _output(self, x: Array, output_type: str):
+        """Final latents (N, h, w, 4) → what ``output_type`` asks for (see :meth:`__call__`)."""
+        if output_type == "latent":
+            return np.asarray(x).transpose(0, 3, 1, 2)
+        graphdef, state = nnx.split(self.vae)
+        images = np.asarray(_decode(graphdef, state, x, self.vae.config.scaling_factor))
+        if output_type == "np":
+            return images
+        from PIL import Image
+
+        return [Image.fromarray(np.round(image * 255).astype(np.uint8)) for image in images]
 
     def __call__(
         self,
@@ -279,42 +502,29 @@ class StableDiffusion:
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
-        prompts = _as_list(prompt, "prompt")
-        negatives = _as_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one each")
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        self._check_unet("txt2img")
         f = self.vae_scale_factor
         height = height or self.unet.config.sample_size * f
         width = width or self.unet.config.sample_size * f
         self._check_size("height", height)
         self._check_size("width", width)
-        sampler = sampler_from_config(self.components.scheduler_config, scheduler, num_inference_steps, eta)
-        schedule = schedule_for(sampler, self.components.scheduler_config, self.schedule)
-        plan = sampler.plan(schedule)
+        sampler, schedule, plan = self._sampler(scheduler, num_inference_steps, eta)
         guided = guidance_scale > 1.0
 
         # 1. text → contexts, each prompt's repeated for its images: [c_∅; c] under guidance
         n = len(prompts) * num_images_per_prompt
-        context = jnp.repeat(self.encode_prompt(prompts), num_images_per_prompt, axis=0)
-        if guided:
-            uncond = jnp.repeat(self.encode_prompt(negatives), num_images_per_prompt, axis=0)
-            context = jnp.concatenate([uncond, context])
+        context = self._contexts(prompts, negatives, num_images_per_prompt, guided)
 
         # 2. x_T, image i's from its own key; latents are NHWC inside sdjax
         shape = (n, height // f, width // f, self.unet.config.in_channels)
-        image_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(n))
-        start_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(image_keys)
+        start_keys, noise_keys = _image_keys(seed, n, 2)
         if latents is None:
-            x = jax.vmap(lambda key: jax.random.normal(key, shape[1:], jnp.float32))(start_keys)
+            x = _normal(start_keys, shape[1:])
         else:
-            expected = (n, shape[3], shape[1], shape[2])
-            if tuple(np.shape(latents)) != expected:
-                raise ValueError(f"latents of shape {tuple(np.shape(latents))}: expected {expected} (N, C, h, w)")
-            x = jnp.asarray(np.asarray(latents, np.float32).transpose(0, 2, 3, 1))
+            x = _nhwc(latents, "latents", (n, shape[3], shape[1], shape[2]))
         x = x * plan.init_noise_sigma
 
         # 3. the denoising chain
@@ -331,14 +541,210 @@ class StableDiffusion:
             jnp.float32(guidance_scale),
             noise_keys,
         )
-        if output_type == "latent":
-            return np.asarray(x).transpose(0, 3, 1, 2)
 
         # 4. decode
-        graphdef, state = nnx.split(self.vae)
-        images = np.asarray(_decode(graphdef, state, x, self.vae.config.scaling_factor))
-        if output_type == "np":
-            return images
-        from PIL import Image
+        return self._output(x, output_type)
 
-        return [Image.fromarray(np.round(image * 255).astype(np.uint8)) for image in images]
+    def img2img(
+        self,
+        prompt: str | list[str],
+        image,
+        strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler: str | None = None,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        eta: float = 0.0,
+        noise: np.ndarray | None = None,
+        vae_noise: np.ndarray | None = None,
+    ):
+        """Redraw ``image`` after ``prompt``, SDEdit (module docstring); diffusers' ``StableDiffusionImg2ImgPipeline``.
+
+        image: a PIL image (made RGB), a list of PIL images of one size, or a NumPy array of floats in
+          [0, 1], (H, W, 3) or (K, H, W, 3) (:func:`load_images`). H and W, the output size, must be
+          multiples of :attr:`size_multiple`. Prompts and images pair up: K images and P prompts with
+          K = P, or either of them 1 (shared by all).
+        strength: in (0, 1], how much to redraw: the chain runs the last ⌊num_inference_steps · strength⌋
+          of its steps (:func:`start_step`), from the image noised to where they begin.
+        seed: image i's key ``fold_in(PRNGKey(seed), i)`` is split in four: the forward-process ε, the
+          stochastic samplers' step noise, the VAE posterior's ε (the fourth is inpainting's) — image i
+          is the same whatever the batch.
+        noise: (N, 4, h, w) the forward process's ε in diffusers' layout, instead of drawing it from the
+          seed; h = H/f, w = W/f, N = max(P, K) · num_images_per_prompt.
+        vae_noise: (N, 4, h, w) the ε of the posterior sample z = μ + σ ε each image is encoded to
+          (diffusers' ``latent_dist.sample()``), instead of drawing it from the seed. With ``noise``,
+          what makes a run comparable with diffusers' for the same random numbers.
+        The rest as :meth:`__call__`. Returns as :meth:`__call__`.
+        """
+        self._check_unet("img2img")
+        return self._from_image(
+            prompt, image, None, strength=strength, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler, seed=seed,
+            num_images_per_prompt=num_images_per_prompt, output_type=output_type, eta=eta, latents=None,
+            noise=noise, vae_noise=vae_noise,
+        )  # fmt: skip
+
+    def inpaint(
+        self,
+        prompt: str | list[str],
+        image,
+        mask,
+        strength: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler: str | None = None,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        eta: float = 0.0,
+        latents: np.ndarray | None = None,
+        noise: np.ndarray | None = None,
+        vae_noise: np.ndarray | None = None,
+    ):
+        """Repaint ``image`` where ``mask`` is white, after ``prompt`` (module docstring); diffusers'
+        ``StableDiffusionInpaintPipeline``, with an inpainting UNet (9 input channels: the mask and the
+        masked image's latents go in with x) or an ordinary one (4: latent blending).
+
+        image: as :meth:`img2img`. mask: a PIL image (made grey, "L") or list of them, or a NumPy array
+          of floats in [0, 1], (H, W) or (M, H, W), of the image's size; 1 (white) = repaint, 0 = keep,
+          binarised at 0.5 (:func:`load_masks`). Prompts, images and masks pair up, each count 1 or equal.
+        strength: in (0, 1]. 1: start from pure noise (the image enters only through what is kept);
+          below 1: from the image noised, running the last ⌊num_inference_steps · strength⌋ steps.
+        latents: (N, 4, h, w) diffusers' ``latents``: the start is latents · init_noise_sigma whatever
+          the strength, and latents is also the ε of the blending. Not with ``noise``.
+        noise: (N, 4, h, w) the ε diffusers draws in its ``prepare_latents``: the start is
+          init_noise_sigma · ε at strength 1, the image noised with ε below; the blending's ε.
+        vae_noise: (N, 4, h, w) the posterior ε of every image encoding (the image's and the masked
+          image's), as :meth:`img2img`.
+        seed: as :meth:`img2img`, the masked image's posterior ε from the fourth part of the key.
+        The rest as :meth:`__call__`. Returns as :meth:`__call__`.
+        """
+        latent_channels = self.vae.config.latent_channels
+        if self.unet.config.in_channels != latent_channels and not self.is_inpainting_model:
+            raise ValueError(
+                f"this checkpoint's UNet takes {self.unet.config.in_channels} input channels; inpainting needs "
+                f"{latent_channels} (latent blending) or {2 * latent_channels + 1} (an inpainting UNet)"
+            )
+        if latents is not None and noise is not None:
+            raise ValueError("give latents or noise, not both: as in diffusers, latents is also the blending's noise")
+        return self._from_image(
+            prompt, image, mask, strength=strength, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler, seed=seed,
+            num_images_per_prompt=num_images_per_prompt, output_type=output_type, eta=eta, latents=latents,
+            noise=noise, vae_noise=vae_noise,
+        )  # fmt: skip
+
+    def _from_image(
+        self,
+        prompt,
+        image,
+        mask,
+        *,
+        strength: float,
+        negative_prompt,
+        num_inference_steps: int,
+        guidance_scale: float,
+        scheduler: str | None,
+        seed: int,
+        num_images_per_prompt: int,
+        output_type: str,
+        eta: float,
+        latents,
+        noise,
+        vae_noise,
+    ):
+        """img2img (mask None) and inpaint: the arguments as theirs."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        start = start_step(num_inference_steps, strength)
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        images = load_images(image)
+        height, width = images.shape[1:3]
+        self._check_size("height", height)
+        self._check_size("width", width)
+        masks = None if mask is None else load_masks(mask)
+        if masks is not None and masks.shape[1:] != images.shape[1:3]:
+            raise ValueError(
+                f"the mask is {masks.shape[2]}×{masks.shape[1]} (W×H) and the image {width}×{height}: "
+                "give a mask of the image's size"
+            )
+
+        # pairs: prompts, images (and masks) broadcast together, each count 1 or the largest
+        counts = {"prompts": len(prompts), "images": len(images)} | ({} if masks is None else {"masks": len(masks)})
+        pairs = max(counts.values())
+        if any(count not in (1, pairs) for count in counts.values()):
+            raise ValueError(f"{counts}: give as many of each, or one (shared by all)")
+        prompts, negatives = prompts * (pairs // len(prompts)), negatives * (pairs // len(negatives))
+        n = pairs * num_images_per_prompt
+
+        def source(k: int) -> np.ndarray:
+            """(N,) for each image the index of its image, mask, … among k of them (k = 1 or pairs): image i
+            belongs to pair i // num_images_per_prompt."""
+            return np.arange(n) // num_images_per_prompt % k
+
+        sampler, schedule, plan = self._sampler(scheduler, num_inference_steps, eta, start)
+        guided = guidance_scale > 1.0
+        context = self._contexts(prompts, negatives, num_images_per_prompt, guided)
+
+        f, c = self.vae_scale_factor, self.vae.config.latent_channels
+        shape = (height // f, width // f, c)
+        expected = (n, c, height // f, width // f)
+        start_keys, noise_keys, image_keys, masked_keys = _image_keys(seed, n, 4)
+        if latents is not None:
+            eps = _nhwc(latents, "latents", expected)
+        elif noise is not None:
+            eps = _nhwc(noise, "noise", expected)
+        else:
+            eps = _normal(start_keys, shape)
+        given_vae_eps = None if vae_noise is None else _nhwc(vae_noise, "vae_noise", expected)
+        graphdef, state = nnx.split(self.vae)
+
+        def encode(pixels: np.ndarray, which: np.ndarray, keys: Array) -> Array:
+            """x_0 = s · z, z ∼ q(z | pixels[which[i]]) for each image i: pixels (S, H, W, 3) in [−1, 1]
+            (each encoded once), which (N,) → (N, h, w, c) float32."""
+            mean, logvar = _encode(graphdef, state, jnp.asarray(pixels))
+            vae_eps = _normal(keys, shape) if given_vae_eps is None else given_vae_eps
+            return self.vae.config.scaling_factor * reparameterize(mean[which], logvar[which], vae_eps)
+
+        # the start: the image noised to the first kept step (img2img always, as diffusers; inpainting
+        # below strength 1), else pure noise as txt2img's
+        pixels = 2.0 * images - 1.0  # the VAE's range
+        from_noise = masks is not None and (strength == 1.0 or latents is not None)
+        blending = masks is not None and not self.is_inpainting_model
+        x0 = encode(pixels, source(len(images)), image_keys) if blending or not from_noise else None
+        x = eps * plan.init_noise_sigma if from_noise else sampler.add_noise(schedule, plan, 0, x0, eps)
+
+        cond = blend = None
+        if masks is not None:
+            # the mask at latent size, as torch's interpolate(mode="nearest") takes it for a factor f:
+            # the top-left pixel of each f × f block
+            latent_mask = jnp.asarray(masks[:, ::f, ::f, None])[source(len(masks))]
+            if blending:
+                blend = Blend(latent_mask, x0, eps)
+            else:
+                # [x, m, E(image · (1 − m))]: the masked image's pixels are 0 (grey) in the hole
+                masked = pixels * (masks[..., None] < 0.5)  # (S, H, W, 3), S = the larger of K and M
+                cond = jnp.concatenate([latent_mask, encode(masked, source(len(masked)), masked_keys)], axis=-1)
+
+        graphdef, state = nnx.split(self.unet)
+        x = _denoise(
+            graphdef,
+            state,
+            schedule,
+            sampler,
+            guided,
+            jax.tree.map(jnp.asarray, plan),
+            x,
+            context,
+            jnp.float32(guidance_scale),
+            noise_keys,
+            cond,
+            blend,
+        )
+        return self._output(x, output_type)

@@ -37,6 +37,10 @@ the K model evaluations works:
         out = unet(sampler.model_input(plan, i, x), plan.timesteps[i], context)
         x, state = sampler.step(schedule, plan, i, out, x, state, noise_i)    # noise: ddpm, ddim η > 0, euler_a
 
+A chain can also start part-way (img2img, inpainting): ``sampler.plan(schedule, start=s)`` keeps the
+steps from s on, and ``sampler.add_noise(schedule, plan, 0, x_0, ε)`` replaces ``init_noise_sigma · x_T``
+as the starting x — a clean x_0 taken to the first kept noise level.
+
 Arithmetic: steps run in float32 whatever the input dtype, and x comes back in the model output's
 dtype, as in :mod:`sdjax.schedulers` (cast model outputs to float32 to keep x float32 across a chain);
 the state is float32. Plans are built in numpy with diffusers' dtypes: σ interpolation, Karras σ's and
@@ -63,6 +67,7 @@ from sdjax.schedulers import (
     ddpm_step,
     predict_eps,
     previous_timesteps,
+    q_sample,
     timesteps,
 )
 
@@ -458,8 +463,43 @@ class Sampler:
         """Whether :meth:`step` takes fresh N(0, I) noise: ddpm, ddim with η > 0, euler_a."""
         return self.name in ("ddpm", "euler_a") or (self.name == "ddim" and self.eta > 0)
 
-    def plan(self, schedule: NoiseSchedule) -> Plan:
-        """The chain, as diffusers' ``set_timesteps`` builds it (see :class:`Plan`)."""
+    @property
+    def order(self) -> int:
+        """Model evaluations per step in the plan's list of timesteps: 2 for heun, else 1 (diffusers'
+        ``scheduler.order``; PLMS's extra evaluation does not count)."""
+        return 2 if self.name == "heun" else 1
+
+    def plan(self, schedule: NoiseSchedule, start: int = 0) -> Plan:
+        """The chain, as diffusers' ``set_timesteps`` builds it (see :class:`Plan`).
+
+        start: run only the steps from ``start`` on (0 ≤ start < N): the chain of img2img and inpainting
+          (SDEdit), which begins at an intermediate noise level. As diffusers' ``get_timesteps`` does it,
+          the plan's evaluations from index k = start · :attr:`order` on are kept, each with the σ, t and
+          coefficients it has in the whole chain, and :meth:`init_state` starts the multistep history
+          afresh. (So LMS's first kept step weighs its one derivative by the whole chain's 4th-order
+          coefficient, the missing history counting as zeros; DPM-Solver++ restarts at first order.)
+          PLMS is the exception: diffusers' PNDM steps by a counter of its own evaluations, not by
+          position, so the kept evaluations are re-read as a chain of their own (:func:`_plms_steps`).
+        """
+        if not 0 <= start < self.steps:
+            raise ValueError(f"start={start}: expected 0 ≤ start < steps={self.steps}")
+        plan = self._whole_plan(schedule)
+        if start == 0:
+            return plan
+        k = start * self.order
+        if self.name == "plms":
+            t, prev_t = _plms_steps(plan.timesteps[k:].astype(np.int32), schedule.num_train_timesteps // self.steps)
+            return plan._replace(timesteps=plan.timesteps[k:], t=t, prev_t=prev_t)
+        # the arrays a sampler does not use are empty, and stay so
+        return plan._replace(
+            timesteps=plan.timesteps[k:],
+            sigmas=plan.sigmas[k:],
+            t=plan.t[k:],
+            prev_t=plan.prev_t[k:],
+            lms_coeffs=plan.lms_coeffs[k:],
+        )
+
+    def _whole_plan(self, schedule: NoiseSchedule) -> Plan:
         name, n = self.name, self.steps
         if name not in ("ddpm", "ddim") and schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{name}: prediction_type {schedule.prediction_type!r} is not supported")
@@ -519,6 +559,25 @@ class Sampler:
             "heun": {"d": zeros, "x": zeros},
         }.get(self.name, {})
 
+    def add_noise(self, schedule: NoiseSchedule, plan: Plan, i, x0: Array, noise: Array) -> Array:
+        """x_0 taken to the noise level of evaluation i: the x the chain would have there (diffusers'
+        ``scheduler.add_noise`` at that point of the chain), in the sampler's own parametrisation:
+
+            ddpm, ddim, plms:  x = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,    t = plan.timesteps[i]     (DDPM's q(x_t | x_0))
+            dpmpp_2m:          x = α x_0 + σ α ε,              α = 1/√(σ_i² + 1)         (the same, VP form)
+            the other σ ones:  x = x_0 + σ_i ε                                          (x_0 + σ ε, EDM's form)
+
+        Shapes: x0, noise (B, ...); i () int, may be traced → (B, ...) float32.
+        """
+        if self.name in ("ddpm", "ddim", "plms"):
+            t = jnp.asarray(plan.timesteps)[i].astype(jnp.int32)
+            return q_sample(schedule, _f32(x0), t, _f32(noise))
+        sigma = jnp.asarray(plan.sigmas)[i]
+        if self.name == "dpmpp_2m":
+            alpha = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+            return alpha * _f32(x0) + (sigma * alpha) * _f32(noise)
+        return _f32(x0) + _f32(noise) * sigma
+
     def model_input(self, plan: Plan, i, x: Array) -> Array:
         """What the network is given at evaluation i: x / √(σ_i² + 1) for the σ samplers that work on
         x_0 + σ ε, x itself for the rest. (B, ...) in x's dtype; i may be traced."""
@@ -577,7 +636,20 @@ def _plms_chain(ts: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray, np
     Returns (timesteps, t, prev_t), each (K,) int32.
     """
     seen = np.concatenate([ts[:1], ts[1:2], ts[1:]]).astype(np.int32)
+    return (seen, *_plms_steps(seen, stride))
+
+
+def _plms_steps(seen: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where PNDMScheduler's ``step_plms`` goes from and to at each of the evaluations at ``seen``, as it
+    decides it: by its counter j of evaluations, not by the timesteps. Evaluation j steps from seen[j] to
+    seen[j] − stride, except j = 1, which redoes step 0 from seen[1] + stride to seen[1].
+
+    For a whole chain this is the chain of :func:`_plms_chain`. For one cut at img2img's start (diffusers
+    slices the list [t_0, t_1, t_1, t_2, …]) it is what diffusers runs, oddities included: the cut
+    [t_1, t_2, t_3] steps t_1 → t_2, redoes t_1 → t_2, then steps from t_3 (not t_2) → t_3 − stride.
+    Shapes: (K,) int32 → (t, prev_t), each (K,) int32.
+    """
     t, prev_t = seen.copy(), seen - np.int32(stride)
     if len(seen) > 1:
         t[1], prev_t[1] = seen[1] + stride, seen[1]
-    return seen, t, prev_t
+    return t, prev_t

@@ -56,12 +56,13 @@ SD15_SCHEDULER = {
 }
 
 
-def tiny_pipeline(folder):
+def tiny_pipeline(folder, in_channels=4):
     """A random diffusers StableDiffusionPipeline with SD1.5's scheduler config, saved in
-    ``folder / "model"`` and loaded back from there."""
+    ``folder / "model"`` and loaded back from there. ``in_channels=9``: an inpainting UNet's."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         sample_size=SIZE // 8,
+        in_channels=in_channels,
         block_out_channels=(16, 32),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
