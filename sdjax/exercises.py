@@ -29,6 +29,7 @@ import numpy as np
 from sdjax.models.autoencoder import reconstruction_loss
 from sdjax.models.vae import kl_divergence, reparameterize
 from sdjax.nn import upsample_nearest
+from sdjax.samplers import euler_step
 from sdjax.schedulers import NoiseSchedule, ddpm_step, q_sample
 
 
@@ -279,6 +280,59 @@ def check_ddpm_step(fn: Callable) -> bool:
     ok = True
     for t in (500, 1, 0):
         ok &= _check(f"ddpm_step at t={t}", fn, reference, (x_t, eps, t, betas, ab, z), mistakes, rtol=1e-4, atol=1e-5)
+    return ok
+
+
+# --- notebook 06 ------------------------------------------------------------------------------------
+
+
+def check_euler_step(fn: Callable) -> bool:
+    """Exercise: one Euler step of the probability-flow ODE dx/dσ = (x − D(x; σ))/σ from σ to σ_next,
+    ``fn(x, x0_hat, sigma, sigma_next)``:
+
+        d = (x − x̂_0)/σ,    x_next = x + (σ_next − σ) d,
+
+    x = x_0 + σ ε (the σ parametrisation), x0_hat = D(x; σ) the denoiser's estimate of x_0. x, x0_hat
+    (B, H, W, C); sigma, sigma_next Python floats, σ > σ_next ≥ 0 → x_next (B, H, W, C). Compared with
+    :func:`sdjax.samplers.euler_step` (given ε̂ = (x − x̂_0)/σ under an ε-prediction schedule, so that its
+    D is x0_hat) for a large step and for the last step, to σ = 0.
+    """
+    x0_hat, eps = _inputs(6, (2, 4, 4, 3), (2, 4, 4, 3))
+    eps_schedule = NoiseSchedule(prediction_type="epsilon", clip_sample=False)
+
+    def reference(x, d0, s, s_next):
+        return euler_step(eps_schedule, (x - d0) / s, x, jnp.float32(s), jnp.float32(s_next))
+
+    mistakes = [
+        (
+            lambda x, d0, s, s_next: x + (s - s_next) * (x - d0) / s,
+            "the step goes the wrong way: σ decreases, so x_next = x + (σ_next − σ)·d with σ_next − σ < 0 and "
+            "d = (x − x̂_0)/σ — the step moves x towards x̂_0.",
+        ),
+        (
+            lambda x, d0, s, s_next: x + (s_next - s) * (x - d0),
+            "the slope dx/dσ is (x − x̂_0)/σ: divide by σ.",
+        ),
+        (
+            lambda x, d0, s, s_next: x + (s_next - s) * (x - d0) / s**2,
+            "you divided by σ²: (x̂_0 − x)/σ² is the score ∇ log p; the ODE's slope is (x − x̂_0)/σ, σ times "
+            "minus the score.",
+        ),
+        (
+            lambda x, d0, s, s_next: x + (s_next - s) * (x - d0) / s_next,
+            "explicit Euler evaluates the slope where you are, at σ, not at σ_next.",
+        ),
+        (
+            lambda x, d0, s, s_next: d0 + s_next * (x - d0),
+            "x − x̂_0 is σ·ε̂; re-noising to σ_next needs the noise itself, ε̂ = (x − x̂_0)/σ: x_next = x̂_0 + σ_next·ε̂.",
+        ),
+    ]
+    ok = True
+    for s, s_next in ((14.6, 3.1), (0.8, 0.0)):
+        x = x0_hat + s * eps
+        ok &= _check(
+            f"euler_step at σ={s} → {s_next}", fn, reference, (x, x0_hat, s, s_next), mistakes, rtol=1e-5, atol=1e-5
+        )
     return ok
 
 

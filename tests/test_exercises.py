@@ -37,6 +37,10 @@ def noise(x, e, t, b, ab, z):
     return ddpm_step(x, e, t, b, ab, z) - ddpm_mean(x, e, t, b, ab)
 
 
+def euler_step(x, x0_hat, sigma, sigma_next):
+    return x + (sigma_next - sigma) * (x - x0_hat) / sigma
+
+
 CASES = {
     "upsample_nearest": (
         ex.check_upsample_nearest,
@@ -105,6 +109,17 @@ CASES = {
             ),
         ],
     ),
+    "euler_step": (
+        ex.check_euler_step,
+        euler_step,
+        [
+            (lambda x, d0, s, s1: x + (s - s1) * (x - d0) / s, "wrong way"),
+            (lambda x, d0, s, s1: x + (s1 - s) * (x - d0), "divide by σ"),
+            (lambda x, d0, s, s1: x + (s1 - s) * (x - d0) / s**2, "σ²"),
+            (lambda x, d0, s, s1: x + (s1 - s) * (x - d0) / s1, "not at σ_next"),
+            (lambda x, d0, s, s1: d0 + s1 * (x - d0), "ε̂ = (x − x̂_0)/σ"),
+        ],
+    ),
 }
 
 
@@ -119,7 +134,7 @@ def test_check_passes_the_solution(name, capsys):
 def test_check_explains_a_plausible_mistake(name, i):
     check, _, mistakes = CASES[name]
     wrong, says = mistakes[i]
-    with pytest.raises(ex.ExerciseError, match=f"^{name}( at t=\\d+)?: .*{re.escape(says)}"):
+    with pytest.raises(ex.ExerciseError, match=f"^{name}( at [^:]+)?: .*{re.escape(says)}"):
         check(wrong)
 
 
@@ -130,6 +145,11 @@ def test_unfinished_exercise_and_crash_are_explained(name):
         check(lambda *a: None)
     with pytest.raises(ex.ExerciseError, match="raised ZeroDivisionError"):
         check(lambda *a: 1 / 0)
+
+
+def test_euler_step_check_accepts_the_ddim_form():
+    # the same step as DDIM writes it: jump to x̂_0, re-noise with the predicted noise ε̂ = (x − x̂_0)/σ
+    assert ex.check_euler_step(lambda x, d0, s, s1: d0 + s1 * (x - d0) / s) is True
 
 
 def test_unrecognised_wrong_answer_gets_values_to_compare():
