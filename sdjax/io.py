@@ -37,8 +37,14 @@ def flatten(tree) -> dict[str, np.ndarray]:
     return {_path_str(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _dtype(leaf) -> np.dtype:
+    """A template leaf's dtype: an array's, or a jax.ShapeDtypeStruct's (an abstract model, nnx.eval_shape)."""
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+
+
 def unflatten_like(template, flat: dict[str, np.ndarray], *, source: str = "checkpoint"):
-    """Fill ``template``'s structure with the arrays of ``flat`` (as produced by :func:`flatten`).
+    """Fill ``template``'s structure with the arrays of ``flat`` (as produced by :func:`flatten`), each cast
+    to its template leaf's dtype. The template may be abstract (``jax.ShapeDtypeStruct`` leaves).
 
     Raises ValueError naming every missing/unexpected key and every shape mismatch.
     """
@@ -65,9 +71,7 @@ def unflatten_like(template, flat: dict[str, np.ndarray], *, source: str = "chec
             + ". Was it saved from a model with a different config? Build the model with the config "
             "it was saved with."
         )
-    leaves = [
-        np.asarray(flat[n]).astype(np.asarray(leaf).dtype, copy=False) for n, (_, leaf) in zip(names, paths_leaves)
-    ]
+    leaves = [np.asarray(flat[n]).astype(_dtype(leaf), copy=False) for n, (_, leaf) in zip(names, paths_leaves)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

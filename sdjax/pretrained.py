@@ -158,7 +158,7 @@ def load(name: str = "ddpm-shapes16", path: str | os.PathLike | None = None) -> 
             f"no weights for {name!r} at {path}. The package ships them under sdjax/weights/; if they are "
             f"missing, reinstall sdjax or retrain them with `sdjax train-ddpm --out {path.parent}`."
         )
-    model = recipe.model()
+    model = nnx.eval_shape(recipe.model)  # shapes only: every parameter is about to be overwritten
     flat, meta = io.read(path)
     # Fields added to UNetConfig after a file was written take their defaults.
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("unet", {}).items()}
@@ -169,7 +169,7 @@ def load(name: str = "ddpm-shapes16", path: str | os.PathLike | None = None) -> 
     if not same:
         raise ValueError(f"{path} holds a network of another shape than recipe {name!r} (config {meta.get('unet')})")
     params = io.unflatten_like(nnx.state(model, nnx.Param), flat, source=str(path))
-    nnx.update(model, params)
+    nnx.update(model, jax.tree.map(jnp.asarray, params))
     return model, NoiseSchedule(**meta["schedule"])
 
 

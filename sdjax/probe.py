@@ -199,8 +199,9 @@ def load(resolution: int = 16, path: str | os.PathLike | None = None) -> ShapesP
     if "probe" not in meta:
         raise ValueError(f"{path} holds no probe config: it was not written by sdjax.probe.save")
     config = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["probe"].items()})
-    model = ShapesProbe(config, rngs=nnx.Rngs(0))
-    nnx.update(model, io.unflatten_like(nnx.state(model, nnx.Param), flat, source=str(path)))  # (back to float32)
+    model = nnx.eval_shape(lambda: ShapesProbe(config, rngs=nnx.Rngs(0)))  # shapes only, filled below
+    params = io.unflatten_like(nnx.state(model, nnx.Param), flat, source=str(path))  # (back to float32)
+    nnx.update(model, jax.tree.map(jnp.asarray, params))
     return model
 
 
