@@ -262,13 +262,31 @@ def _encode_text(graphdef, state, ids: Array) -> Array:
     return nnx.merge(graphdef, state)(ids).last_hidden_state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler", "guided"))
+class _Progress:
+    """The progress bar of the running chain: the compiled loop ticks it from the device, one
+    ``jax.debug.callback`` per model evaluation (a host call per step, negligible next to a UNet pass)."""
+
+    bar = None
+
+    @classmethod
+    def tick(cls) -> None:
+        if cls.bar is not None:
+            cls.bar.update(1)
+
+
+def _interactive() -> bool:
+    """A terminal or a Jupyter kernel is watching: show progress bars there, not in logs and tests."""
+    return "ipykernel" in sys.modules or sys.stderr.isatty()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler", "guided", "progress"))
 def _denoise(
     graphdef,
     state,
     schedule: NoiseSchedule,
     sampler: Sampler,
     guided: bool,
+    progress: bool,
     plan: Plan,
     x: Array,
     context: Array,
@@ -286,6 +304,7 @@ def _denoise(
     cond: (N, h, w, C) channels the UNet takes after x's, the same at every evaluation (an inpainting
     UNet's mask and masked-image latents, C = 5); None for none.
     blend: latent blending after every step (:class:`Blend`); None for none.
+    progress: tick :class:`_Progress` after every evaluation.
     Returns the final latents (N, h, w, 4) float32.
     """
     unet = nnx.merge(graphdef, state)
@@ -317,6 +336,8 @@ def _denoise(
             known = sampler.add_noise(schedule, plan, jnp.minimum(i + 1, last), blend.x0, blend.noise)
             known = jnp.where(i < last, known, blend.x0)
             x = (1.0 - blend.mask) * known + blend.mask * x
+        if progress:
+            jax.debug.callback(_Progress.tick)
         return (x, sampler_state), None
 
     (x, _), _ = jax.lax.scan(body, (x, sampler.init_state(x)), jnp.arange(len(plan.timesteps)))
@@ -375,7 +396,8 @@ class StableDiffusion:
     docstring).
 
     Build it with :meth:`from_pretrained`, or from :class:`sdjax.convert.Components` directly, then
-    call it with prompts.
+    call it with prompts. ``progress``: show a progress bar over the denoising steps (default: in a
+    terminal or notebook, not in logs); turning it on or off compiles the chain once more.
     """
 
     def __init__(self, components: convert.Components):
@@ -387,6 +409,7 @@ class StableDiffusion:
         # image sizes must be multiples of 8 (diffusers' rule) and give latents the UNet can halve
         # (levels − 1) times: multiples of lcm(8, f · 2^(UNet levels − 1)) — 64 for SD itself
         self.size_multiple = int(np.lcm(8, self.vae_scale_factor * self.unet.config.downsample_factor))
+        self.progress = _interactive()
 
     @classmethod
     def from_pretrained(
@@ -457,6 +480,19 @@ class StableDiffusion:
             uncond = jnp.repeat(self.encode_prompt(negatives), copies, axis=0)
             context = jnp.concatenate([uncond, context])
         return context
+
+    def _run_chain(self, graphdef, state, schedule, sampler, guided, plan, *arrays) -> Array:
+        """:func:`_denoise`, under a progress bar when :attr:`progress` is on."""
+        if not self.progress:
+            return _denoise(graphdef, state, schedule, sampler, guided, False, plan, *arrays)
+        from tqdm.auto import tqdm
+
+        _Progress.bar = tqdm(total=len(plan.timesteps), desc=f"{sampler.name} {sampler.steps} steps")
+        try:
+            return jax.block_until_ready(_denoise(graphdef, state, schedule, sampler, guided, True, plan, *arrays))
+        finally:
+            _Progress.bar.close()
+            _Progress.bar = None
 
     def _output(self, x: Array, output_type: str):
         """Final latents (N, h, w, 4) → what ``output_type`` asks for (see :meth:`__call__`)."""
@@ -529,7 +565,7 @@ class StableDiffusion:
 
         # 3. the denoising chain
         graphdef, state = nnx.split(self.unet)
-        x = _denoise(
+        x = self._run_chain(
             graphdef,
             state,
             schedule,
@@ -733,7 +769,7 @@ class StableDiffusion:
                 cond = jnp.concatenate([latent_mask, encode(masked, source(len(masked)), masked_keys)], axis=-1)
 
         graphdef, state = nnx.split(self.unet)
-        x = _denoise(
+        x = self._run_chain(
             graphdef,
             state,
             schedule,

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sdjax import data
+from sdjax import convert, data
 from sdjax.convert import Components
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
@@ -124,9 +124,9 @@ class TinySDRecipe:
     num_images: int = 50_000
     seed: int = 0
     # A. the autoencoder: SD's AutoencoderKL with 4 levels (f = 8), narrow
-    vae: VAEConfig = VAEConfig(block_out_channels=(32, 64, 64, 64), latent_channels=4, norm_num_groups=16)
-    vae_steps: int = 6_000
-    vae_batch: int = 32
+    vae: VAEConfig = VAEConfig(block_out_channels=(16, 32, 64, 64), latent_channels=4, norm_num_groups=8)
+    vae_steps: int = 5_000
+    vae_batch: int = 16
     vae_kl_weight: float = 1e-4
     # B. CLIP: SD1's tokenizer and text-tower layout, 4 layers of width 64
     text: CLIPTextConfig = CLIPTextConfig(
@@ -351,3 +351,47 @@ def train(
         unet=unet, vae=vae, text_encoder=clip.text_model, tokenizer=tokenizer, schedule=recipe.schedule
     )
     return Trained(components, clip, {"vae": vae_fit.history, "clip": clip_fit.history, "unet": unet_fit.history})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bundle that ships with sdjax
+# ---------------------------------------------------------------------------------------------------
+
+BUNDLE = Path(__file__).parent / "weights" / "tiny-sd-shapes"
+
+
+def save_bundle(components: Components, folder: str | os.PathLike = BUNDLE, info: dict | None = None) -> Path:
+    """Write the model in sdjax's layout with float16 parameters (loading casts them back to float32),
+    and ``info`` (training times, losses, device) as ``train_info.json``."""
+    import json
+
+    folder = convert.save_sdjax(components.astype(jnp.float16), folder)
+    (folder / "train_info.json").write_text(json.dumps(info or {}, indent=1) + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sdjax.tiny_sd --workdir runs/tiny-sd``: train the bundled model (resuming), then write it."""
+    import argparse
+    import datetime
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--workdir", default="runs/tiny-sd", help="checkpoints of the three stages")
+    parser.add_argument("--out", default=str(BUNDLE), help="where to write the trained model")
+    args = parser.parse_args(argv)
+    start = time.time()
+    trained = train(TINY_SD, workdir=args.workdir)
+    device = jax.devices()[0]
+    info = {
+        "recipe": TINY_SD.name,
+        "final_loss": {stage: float(np.mean(h["loss"][-200:])) for stage, h in trained.histories.items() if h},
+        "minutes_this_session": round((time.time() - start) / 60, 1),
+        "device": f"{device.platform}: {device.device_kind} ×{jax.device_count()}",
+        "date": datetime.date.today().isoformat(),
+    }
+    print(f"wrote {save_bundle(trained.components, args.out, info)}: {info}")
+
+
+if __name__ == "__main__":
+    main()

@@ -237,3 +237,20 @@ def test_errors_and_warnings(models):
         pipe(PROMPTS, latents=np.zeros((1, 4, 8, 8), np.float32))
     with pytest.warns(UserWarning, match="its last 25 tokens were dropped"):
         pipe("cat " * 100, num_inference_steps=2, scheduler="euler_a", output_type="latent")
+
+
+def test_progress_bar_counts_every_evaluation_and_changes_nothing(models, capsys):
+    """The compiled chain ticks a bar once per model evaluation (heun: 2N − 1) and gives the same image."""
+    ours = models[2]
+    args = dict(prompt=PROMPTS[0], num_inference_steps=3, scheduler="heun", output_type="np", seed=3)
+    ours.progress = False
+    quiet = ours(**args)
+    capsys.readouterr()
+    ours.progress = True
+    try:
+        shown = ours(**args)
+    finally:
+        ours.progress = False
+    np.testing.assert_array_equal(quiet, shown)
+    err = capsys.readouterr().err
+    assert "heun 3 steps: 100%" in err and "5/5" in err, err
