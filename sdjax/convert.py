@@ -364,7 +364,13 @@ def save_diffusers(sd: Components, folder: str | os.PathLike) -> Path:
     )
     sd.tokenizer.save_folder(folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    scheduler = {"_class_name": "DDIMScheduler", **dataclasses.asdict(sd.schedule)}
+    # the checkpoint's own scheduler config when it came with one; else SD1.x's PNDM (sdjax's default
+    # sampler, plms) on the checkpoint's schedule
+    scheduler = sd.scheduler_config or {
+        "_class_name": "PNDMScheduler",
+        "skip_prk_steps": True,
+        **dataclasses.asdict(sd.schedule),
+    }
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -372,7 +378,7 @@ def save_diffusers(sd: Components, folder: str | os.PathLike) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -670,7 +676,8 @@ SDJAX_FILE = "sdjax.safetensors"
 
 def save_sdjax(sd: Components, folder: str | os.PathLike) -> Path:
     """sdjax's format: ``sdjax.safetensors`` (parameters under their sdjax paths, ``unet.…``, ``vae.…``,
-    ``text_encoder.…``, with the configs and schedule in the header) and ``tokenizer/``. Loading it
+    ``text_encoder.…``, with the configs, the schedule and any diffusers scheduler config in the header)
+    and ``tokenizer/``. Loading it
     needs no renaming or transposing."""
     folder = Path(folder)
     trees = {name: nnx.state(getattr(sd, name), nnx.Param) for name in ("unet", "vae", "text_encoder")}
@@ -680,6 +687,7 @@ def save_sdjax(sd: Components, folder: str | os.PathLike) -> Path:
         "vae": sd.vae.config.to_diffusers(),
         "text_encoder": dataclasses.asdict(sd.text_encoder.config),
         "schedule": dataclasses.asdict(sd.schedule),
+        "scheduler_config": sd.scheduler_config,
     }
     save_tree(folder / SDJAX_FILE, trees, metadata)
     sd.tokenizer.save_folder(folder / "tokenizer")
@@ -706,6 +714,7 @@ def load_sdjax(folder: str | os.PathLike) -> Components:
         **models,
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         schedule=NoiseSchedule(**meta["schedule"]),
+        scheduler_config=meta.get("scheduler_config"),
     )
 
 

@@ -378,6 +378,15 @@ def test_sdjax_layout_and_cli_round_trip(checkpoint, tmp_path, capsys):
     convert.save(single, tmp_path / "back", "diffusers")
     assert_same_outputs(convert.load(tmp_path / "back"), unet, vae, text)
     assert_same_outputs(sd, unet, vae, text)
+    # the diffusers folder's scheduler config survives the sdjax layout and a diffusers export; a single
+    # file has none, so its export gets SD1.x's PNDM on its schedule
+    original = convert.load_diffusers(folder).scheduler_config
+    assert original and sd.scheduler_config == original
+    convert.save(sd, tmp_path / "again", "diffusers")
+    assert convert.load(tmp_path / "again").scheduler_config == original
+    exported = convert.load(tmp_path / "back").scheduler_config
+    assert exported["_class_name"] == "PNDMScheduler" and exported["beta_schedule"] == sd.schedule.beta_schedule
+    diffusers.PNDMScheduler.from_pretrained(tmp_path / "back" / "scheduler")  # diffusers reads it
 
 
 def test_sharded_weights_load(checkpoint, tmp_path):
