@@ -27,26 +27,26 @@ def test_cell_targets_place_each_object_in_its_cell():
 
 @pytest.mark.parametrize("max_objects", [1, 2])
 def test_shipped_probe_reads_fresh_real_images(shipped, max_objects):
-    """Images the probe never saw (another seed). Measured: one object, everything right for 99 %; two objects
-    95 % (shape 97 %; the small shapes at 16 px differ in a few pixels); every other attribute ≥ 99.9 %."""
+    """Images the probe never saw (another seed). Measured: one object, everything right for 100 %; two objects
+    98.4 % (shape 98.9 %: the small shapes at 16 px differ in a few pixels); every other attribute 100 %."""
     ds = data.make_shapes(1000, resolution=16, seed=4242, max_objects=max_objects)
     reading = probe.read(shipped, ds.images)
     score = probe.score_prompts(reading, ds.attributes)
     for attribute in ("background", "present", "colour", "size", "exact_count"):
         assert getattr(score, attribute) > 0.99, score
-    assert score.shape > 0.93 and score.all > 0.88, score
+    assert score.shape > 0.96 and score.all > 0.95, score
     assert reading.sample(0) is not None and reading.caption(0) == data.caption(reading.sample(0))
 
 
 def test_probe_is_unsure_of_noise_and_scores_wrong_prompts_low(shipped):
     noise = np.random.default_rng(0).normal(size=(300, 16, 16, 3)).astype(np.float32)
-    assert probe.read(shipped, noise).confident.mean() < 0.05  # measured 0.2 %
+    assert probe.read(shipped, noise).confident.mean() < 0.1  # measured 3 %
     ds = data.make_shapes(400, resolution=16, seed=4243, max_objects=1)
     reading = probe.read(shipped, ds.images)
-    assert reading.confident.mean() > 0.8  # measured 90 %
+    assert reading.confident.mean() > 0.9  # measured 98 %
     wrong = [ds.attributes[i] for i in np.random.default_rng(1).permutation(len(ds))]  # other images' scenes
     score = probe.score_prompts(reading, wrong)
-    # chance: background 1/4, a prompted cell occupied 1/9, colour 1/8
+    # chance: background 1/4, a prompted cell occupied 1/9, colour 1/8 (measured 25 %, 12.5 %, 18 %; all 0.75 %)
     assert score.background < 0.4 and score.present < 0.25 and score.all < 0.02, score
 
 
