@@ -481,15 +481,18 @@ class StableDiffusion:
             context = jnp.concatenate([uncond, context])
         return context
 
-    def _run_chain(self, graphdef, state, schedule, sampler, guided, plan, *arrays) -> Array:
-        """:func:`_denoise`, under a progress bar when :attr:`progress` is on."""
+    def _run_chain(self, schedule, sampler, guided, plan, x, context, guidance_scale, keys, cond=None, blend=None):
+        """:func:`_denoise` with this pipeline's UNet, under a progress bar when :attr:`progress` is on."""
+        graphdef, state = nnx.split(self.unet)
+        plan = jax.tree.map(jnp.asarray, plan)
+        arrays = (plan, x, context, jnp.float32(guidance_scale), keys, cond, blend)
         if not self.progress:
-            return _denoise(graphdef, state, schedule, sampler, guided, False, plan, *arrays)
+            return _denoise(graphdef, state, schedule, sampler, guided, False, *arrays)
         from tqdm.auto import tqdm
 
         _Progress.bar = tqdm(total=len(plan.timesteps), desc=f"{sampler.name} {sampler.steps} steps")
         try:
-            return jax.block_until_ready(_denoise(graphdef, state, schedule, sampler, guided, True, plan, *arrays))
+            return jax.block_until_ready(_denoise(graphdef, state, schedule, sampler, guided, True, *arrays))
         finally:
             _Progress.bar.close()
             _Progress.bar = None
@@ -564,19 +567,7 @@ class StableDiffusion:
         x = x * plan.init_noise_sigma
 
         # 3. the denoising chain
-        graphdef, state = nnx.split(self.unet)
-        x = self._run_chain(
-            graphdef,
-            state,
-            schedule,
-            sampler,
-            guided,
-            jax.tree.map(jnp.asarray, plan),
-            x,
-            context,
-            jnp.float32(guidance_scale),
-            noise_keys,
-        )
+        x = self._run_chain(schedule, sampler, guided, plan, x, context, guidance_scale, noise_keys)
 
         # 4. decode
         return self._output(x, output_type)
@@ -768,19 +759,5 @@ class StableDiffusion:
                 masked = pixels * (masks[..., None] < 0.5)  # (S, H, W, 3), S = the larger of K and M
                 cond = jnp.concatenate([latent_mask, encode(masked, source(len(masked)), masked_keys)], axis=-1)
 
-        graphdef, state = nnx.split(self.unet)
-        x = self._run_chain(
-            graphdef,
-            state,
-            schedule,
-            sampler,
-            guided,
-            jax.tree.map(jnp.asarray, plan),
-            x,
-            context,
-            jnp.float32(guidance_scale),
-            noise_keys,
-            cond,
-            blend,
-        )
+        x = self._run_chain(schedule, sampler, guided, plan, x, context, guidance_scale, noise_keys, cond, blend)
         return self._output(x, output_type)

@@ -189,7 +189,7 @@ def _adam(lr: float, steps: int) -> optax.GradientTransformation:
 
 def train_vae(recipe: TinySDRecipe, ds: data.ImageDataset, *, steps: int | None = None, checkpoint=None, progress=True):
     """Stage A: the β-VAE loss on the images, then s = 1/std of the posterior means. Returns the VAE
-    with ``config.scaling_factor`` = s, and the :class:`~sdjax.train.FitResult`."""
+    with ``config.scaling_factor`` set to s, and the :class:`~sdjax.train.FitResult`."""
     steps = recipe.vae_steps if steps is None else steps
     vae = AutoencoderKL(recipe.vae, rngs=nnx.Rngs(recipe.seed))
     result = fit(
@@ -206,17 +206,19 @@ def train_vae(recipe: TinySDRecipe, ds: data.ImageDataset, *, steps: int | None 
         desc="A · VAE",
     )
     means = encode_means(vae, ds.images[:2048])
-    config = dataclasses.replace(recipe.vae, scaling_factor=float(1.0 / np.std(means)))
-    scaled = AutoencoderKL(config, rngs=nnx.Rngs(0))
-    nnx.update(scaled, nnx.state(vae, nnx.Param))
-    return scaled, result
+    vae.config = dataclasses.replace(recipe.vae, scaling_factor=float(1.0 / np.std(means)))
+    return vae, result
+
+
+@nnx.jit
+def _posterior_mean(vae: AutoencoderKL, images: Array) -> Array:
+    return vae.encode(images).mean
 
 
 def encode_means(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """The posterior means E(x), unscaled: (N, H, W, 3) → (N, H/f, W/f, 4)."""
-    encode = nnx.jit(lambda m, x: m.encode(x).mean)
     return np.concatenate(
-        [np.asarray(encode(vae, images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        [np.asarray(_posterior_mean(vae, images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     )
 
 

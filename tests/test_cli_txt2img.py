@@ -182,8 +182,6 @@ def test_prompts_from_file_skip_grid_and_skip_save(model, tmp_path, capsys):
 
 
 def test_img2img(model, tmp_path, capsys):
-    if not hasattr(sdjax.StableDiffusion, "img2img"):
-        pytest.skip("pipeline.img2img not written yet")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (37, 50, 3), np.uint8)).save(tmp_path / "init.png")
     out = tmp_path / "out"
