@@ -4,6 +4,7 @@
     sdjax train-ddpm --out runs/ddpm
     sdjax convert SRC DST [--to sdjax|diffusers|compvis]
     sdjax strip-solutions notebooks/ exercises/
+    sdjax txt2img --prompt "a small green star on a black background"     # the bundled tiny model
     sdjax txt2img --ckpt MODEL --prompt "a red bicycle" [--n_samples 4 --n_iter 2 --plms ...]
     sdjax img2img --ckpt MODEL --init-img sketch.png --prompt "a red bicycle" [--strength 0.75 ...]
 
@@ -17,7 +18,9 @@ DDPM) and writes its weights in the shipped format, plus a grid of samples.
 ``convert`` reads Stable Diffusion weights from a diffusers folder, a CompVis single file or an
 sdjax folder, and writes them in any of the three layouts (see ``sdjax.convert``).
 
-``txt2img`` and ``img2img`` take the flags of CompVis's ``scripts/txt2img.py``/``img2img.py`` and
+Without ``--ckpt``, ``txt2img`` and ``img2img`` run the tiny model that ships inside the package
+(``sdjax/weights/tiny-sd-shapes``, :mod:`sdjax.tiny_sd`: 64-px images of the ``shapes`` captions) and
+say so. ``txt2img`` and ``img2img`` take the flags of CompVis's ``scripts/txt2img.py``/``img2img.py`` and
 write what they do: ``OUTDIR/samples/00000.png``… (numbering on from the files already there) and
 ``OUTDIR/grid-0000.png``…, a grid with ``--n_rows`` images per row (CompVis passes it as
 torchvision's ``nrow``), one batch of ``--n_samples`` images per row by default. The run makes
@@ -214,6 +217,8 @@ A1111_SAMPLERS = {
     "lms": "LMS",
     "heun": "Heun",
 }
+COMPVIS_PROMPT = "a painting of a virus monster playing guitar"  # txt2img.py's default
+BUNDLED_PROMPT = "a large red circle at the top left and a small blue star at the bottom right on a white background"
 PRECISIONS = {"full": "float32", "autocast": "bfloat16"}  # CompVis's --precision → the networks' dtype
 SAMPLE_NAME, GRID_NAME = r"(\d{5})\.png", r"grid-(\d{4})\.png"  # outdir/samples/00000.png, outdir/grid-0000.png
 
@@ -223,10 +228,22 @@ def _checked_settings(args: argparse.Namespace) -> tuple[list[str], str]:
     from sdjax.samplers import SAMPLERS
 
     if args.ckpt is None:
-        raise ValueError(
-            "--ckpt is required for now (no default model is bundled yet): pass a diffusers folder, "
-            "an sdjax folder or a CompVis .safetensors/.ckpt file"
+        from sdjax.tiny_sd import BUNDLE
+
+        if not (BUNDLE / "sdjax.safetensors").is_file():
+            raise FileNotFoundError(
+                f"no --ckpt given and the bundled model is missing from {BUNDLE} (a broken install?): "
+                "reinstall sdjax, or pass --ckpt a diffusers folder, an sdjax folder or a CompVis file"
+            )
+        args.ckpt = str(BUNDLE)
+        print(
+            f"no --ckpt: using the bundled tiny model ({BUNDLE}), 64-px images of coloured shapes, trained from "
+            "scratch by sdjax.tiny_sd. For real Stable Diffusion pass --ckpt (notebooks/05_stable_diffusion.ipynb)."
         )
+        if args.prompt is None:
+            args.prompt = BUNDLED_PROMPT
+    if args.prompt is None:
+        args.prompt = COMPVIS_PROMPT
     for flag in ("n_samples", "n_iter", "ddim_steps", "n_rows"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -446,11 +463,15 @@ def _generation_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
     """The flags txt2img and img2img share, with CompVis's names and defaults."""
     from sdjax.samplers import SAMPLERS
 
-    p.add_argument("--prompt", default="a painting of a virus monster playing guitar", help="the prompt to render")
+    p.add_argument(
+        "--prompt", help=f"the prompt to render (default: {BUNDLED_PROMPT!r} for the bundled model, else CompVis's)"
+    )
     p.add_argument("--negative_prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--from-file", metavar="FILE", help="prompts, one per line (instead of --prompt)")
     p.add_argument(
-        "--ckpt", metavar="PATH", help="the model: a diffusers folder, an sdjax folder or a CompVis file (required)"
+        "--ckpt",
+        metavar="PATH",
+        help="the model: a diffusers folder, an sdjax folder or a CompVis file (default: the bundled tiny model)",
     )
     p.add_argument("--outdir", metavar="DIR", default=outdir, help="where samples/ and the grids go (%(default)s)")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid")

@@ -336,6 +336,61 @@ def check_euler_step(fn: Callable) -> bool:
     return ok
 
 
+# --- notebook 04 ------------------------------------------------------------------------------------
+
+
+def check_clip_loss(fn: Callable) -> bool:
+    """Exercise: CLIP's symmetric contrastive loss, ``fn(u, w, scale)``: u (B, E) image and w (B, E) text
+    embeddings, unit vectors, pair i matching; scale = exp(τ), a float. Logits ℓ = scale · u wᵀ (B, B), and
+
+        L = ½ [ CE(ℓ, diag) + CE(ℓᵀ, diag) ],   CE(ℓ, diag) = mean_i (log Σ_j exp ℓ_ij − ℓ_ii)
+
+    → a scalar. Compared with :func:`sdjax.tiny_sd.clip_loss`'s formula.
+    """
+    import optax
+
+    u, w = _inputs(7, (6, 8), (6, 8))
+    u, w = u / jnp.linalg.norm(u, axis=1, keepdims=True), w / jnp.linalg.norm(w, axis=1, keepdims=True)
+    labels = jnp.arange(6)
+
+    def ce(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def reference(u, w, scale):
+        return 0.5 * (ce(scale * u @ w.T) + ce(scale * w @ u.T))
+
+    mistakes = [
+        (lambda u, w, s: ce(s * u @ w.T), "that is one direction only (each image picks its caption); CLIP also "
+         "asks each caption to pick its image: average CE(ℓ, diag) and CE(ℓᵀ, diag)."),
+        (lambda u, w, s: 0.5 * (ce(u @ w.T) + ce(w @ u.T)), "multiply the cosine similarities by the scale "
+         "exp(τ) before the softmax: without it the logits lie in [−1, 1] and the softmax can never be sharp."),
+        (lambda u, w, s: ce(s * u @ w.T) + ce(s * w @ u.T), "the two cross-entropies are averaged (½ each), not "
+         "summed."),
+        (lambda u, w, s: -jnp.mean(jnp.diag(s * u @ w.T)), "maximising the matching pairs' similarity alone "
+         "ignores the other captions in the batch: the loss is a cross-entropy over all B of them."),
+    ]  # fmt: skip
+    return _check("clip_loss", fn, reference, (u, w, 14.3), mistakes, rtol=1e-5, atol=1e-5)
+
+
+def check_guidance(fn: Callable) -> bool:
+    """Exercise: classifier-free guidance, ``fn(out_uncond, out_cond, w)`` → ε̂_∅ + w (ε̂_c − ε̂_∅), the
+    arrays (B, h, w, 4), w a float. Compared with :func:`sdjax.pipeline.classifier_free_guidance`."""
+    from sdjax.pipeline import classifier_free_guidance
+
+    uncond, cond = _inputs(8, (2, 4, 4, 4), (2, 4, 4, 4))
+    mistakes = [
+        (lambda u, c, w: c + w * (c - u), "that is the paper's convention, (1 + w) ε̂_c − w ε̂_∅, where w = 0 means no "
+         "guidance; Stable Diffusion's guidance_scale is 1 + that w: ε̂_∅ + w (ε̂_c − ε̂_∅), so w = 1 means none."),
+        (lambda u, c, w: u + w * (u - c), "the sign is flipped: this steers *away* from the prompt. Start from the "
+         "unconditional prediction and move towards the conditional one: ε̂_∅ + w (ε̂_c − ε̂_∅)."),
+        (lambda u, c, w: w * c, "guidance mixes the two predictions: ε̂_∅ + w (ε̂_c − ε̂_∅), not a rescaled ε̂_c."),
+    ]  # fmt: skip
+    ok = True
+    for w in (7.5, 1.0):
+        ok &= _check(f"guidance at w = {w}", fn, classifier_free_guidance, (uncond, cond, w), mistakes)
+    return ok
+
+
 # --- stripping solutions ------------------------------------------------------------------------------
 
 _SOLUTION = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION.*?^[ \t]*# END SOLUTION[^\n]*\n?", re.M | re.S)

@@ -279,6 +279,13 @@ def _interactive() -> bool:
     return "ipykernel" in sys.modules or sys.stderr.isatty()
 
 
+def classifier_free_guidance(out_uncond: Array, out_cond: Array, guidance_scale) -> Array:
+    """ε̂ = ε̂(x_t, t, c_∅) + w (ε̂(x_t, t, c) − ε̂(x_t, t, c_∅)) (the module docstring's step 3), for any
+    prediction type: the combination is linear, so it is the same for ε, v or x_0. w = 1 is the
+    conditional model alone, w = 0 the unconditional one, w > 1 extrapolates away from c_∅."""
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler", "guided", "progress"))
 def _denoise(
     graphdef,
@@ -321,8 +328,7 @@ def _denoise(
         if guided:
             # one pass on [x; x] with [c_∅; c], then ε̂ = ε̂_∅ + w (ε̂_c − ε̂_∅)
             out = unet(jnp.concatenate([x_in, x_in]), t, context).astype(jnp.float32)
-            out_uncond, out_cond = jnp.split(out, 2)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            out = classifier_free_guidance(*jnp.split(out, 2), guidance_scale)
         else:
             out = unet(x_in, t, context).astype(jnp.float32)
         noise = None

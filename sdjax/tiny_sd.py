@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sdjax import convert, data
+from sdjax import convert, data, io, probe
 from sdjax.convert import Components
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
@@ -83,6 +83,7 @@ class CLIP(nnx.Module):
     """
 
     def __init__(self, text: CLIPTextConfig, resolution: int, image_channels: tuple[int, ...], embed_dim: int, *, rngs):
+        self.resolution, self.image_channels, self.embed_dim = resolution, tuple(image_channels), embed_dim
         self.text_model = CLIPTextModel(text, rngs=rngs)
         self.text_projection = nnx.Linear(text.hidden_size, embed_dim, use_bias=False, rngs=rngs)
         self.image_model = ImageEncoder(resolution, image_channels, embed_dim, rngs=rngs)
@@ -135,7 +136,7 @@ class TinySDRecipe:
     )
     image_channels: tuple[int, ...] = (32, 64, 64, 128)
     embed_dim: int = 64
-    clip_steps: int = 3_000
+    clip_steps: int = 1_200
     clip_batch: int = 256
     # C. the denoiser on 8×8×4 latents, cross-attending to the 64-wide context
     unet: UNetConfig = UNetConfig(
@@ -159,7 +160,7 @@ class TinySDRecipe:
         clip_sample=False,
     )
     caption_dropout: float = 0.1
-    unet_steps: int = 20_000
+    unet_steps: int = 6_000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
@@ -169,6 +170,12 @@ class TinySDRecipe:
         return data.make_shapes(
             n or self.num_images, resolution=self.resolution, seed=self.seed, max_objects=self.max_objects
         )
+
+    def captions(self, n: int | None = None) -> list[str]:
+        """The captions of :meth:`data` without rendering the images (the same draws, so it is cheap to
+        ask whether a prompt was in the training set)."""
+        rng = np.random.default_rng(self.seed)
+        return [data.caption(data.sample_attributes(rng, self.max_objects)) for _ in range(n or self.num_images)]
 
     def tokenizer(self) -> CLIPTokenizer:
         return CLIPTokenizer.from_bpe_file()
@@ -351,7 +358,12 @@ def train(
         progress=progress,
     )
     components = Components(
-        unet=unet, vae=vae, text_encoder=clip.text_model, tokenizer=tokenizer, schedule=recipe.schedule
+        unet=unet,
+        vae=vae,
+        text_encoder=clip.text_model,
+        tokenizer=tokenizer,
+        schedule=recipe.schedule,
+        scheduler_config=ddim_scheduler_config(recipe.schedule),
     )
     return Trained(components, clip, {"vae": vae_fit.history, "clip": clip_fit.history, "unet": unet_fit.history})
 
@@ -361,16 +373,123 @@ def train(
 # ---------------------------------------------------------------------------------------------------
 
 BUNDLE = Path(__file__).parent / "weights" / "tiny-sd-shapes"
+CLIP_IMAGE_FILE = "clip_image_tower.safetensors"  # stage B's image side, for retrieval demos (SD never uses it)
 
 
-def save_bundle(components: Components, folder: str | os.PathLike = BUNDLE, info: dict | None = None) -> Path:
+def ddim_scheduler_config(schedule: NoiseSchedule) -> dict:
+    """The diffusers ``scheduler_config.json`` that makes DDIM on ``schedule`` the model's own sampler."""
+    return {"_class_name": "DDIMScheduler", **dataclasses.asdict(schedule)}
+
+
+def save_bundle(
+    components: Components, folder: str | os.PathLike = BUNDLE, info: dict | None = None, clip: CLIP | None = None
+) -> Path:
     """Write the model in sdjax's layout with float16 parameters (loading casts them back to float32),
-    and ``info`` (training times, losses, device) as ``train_info.json``."""
+    ``info`` (training times, losses, device) as ``train_info.json``, and with ``clip`` its image tower,
+    projection and temperature (``clip_image_tower.safetensors``; :func:`load_clip` puts CLIP back together)."""
     import json
 
     folder = convert.save_sdjax(components.astype(jnp.float16), folder)
     (folder / "train_info.json").write_text(json.dumps(info or {}, indent=1) + "\n")
+    if clip is not None:
+        tree = jax.tree.map(lambda p: np.asarray(p, np.float16), _image_side(clip))
+        config = {"resolution": clip.resolution, "image_channels": clip.image_channels, "embed_dim": clip.embed_dim}
+        io.save_tree(folder / CLIP_IMAGE_FILE, tree, {"clip": config})
     return folder
+
+
+def _image_side(clip: CLIP) -> dict:
+    return {
+        "image_model": nnx.state(clip.image_model, nnx.Param),
+        "text_projection": nnx.state(clip.text_projection, nnx.Param),
+        "logit_scale": clip.logit_scale[...],
+    }
+
+
+def load_clip(text_encoder: CLIPTextModel, folder: str | os.PathLike = BUNDLE) -> CLIP:
+    """The whole CLIP of a bundle: its text encoder (the model's, loaded) and the image side saved beside it."""
+    path = Path(folder) / CLIP_IMAGE_FILE
+    flat, meta = io.read(path)
+    if "clip" not in meta:
+        raise ValueError(f"{path} holds no CLIP config: it was not written by sdjax.tiny_sd.save_bundle")
+    c = meta["clip"]
+    clip = CLIP(text_encoder.config, c["resolution"], tuple(c["image_channels"]), c["embed_dim"], rngs=nnx.Rngs(0))
+    clip.text_model = text_encoder
+    tree = io.unflatten_like(_image_side(clip), flat, source=str(path))
+    nnx.update(clip.image_model, jax.tree.map(jnp.asarray, tree["image_model"]))
+    nnx.update(clip.text_projection, jax.tree.map(jnp.asarray, tree["text_projection"]))
+    clip.logit_scale[...] = jnp.asarray(tree["logit_scale"], jnp.float32)
+    return clip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring prompt following
+# ---------------------------------------------------------------------------------------------------
+
+
+def evaluation_prompts(n: int, seed: int = 1, max_objects: int = 2) -> list[str]:
+    """n captions drawn as the training data's are (1 … max_objects objects), from another seed."""
+    rng = np.random.default_rng(seed)
+    return [data.caption(data.sample_attributes(rng, max_objects)) for _ in range(n)]
+
+
+@dataclasses.dataclass
+class GuidanceSweep:
+    """What :func:`prompt_following` measured: per guidance scale w, the images (N, H, W, 3) in [−1, 1],
+    the probe's score of them against their own prompts, and against a shuffled copy of the prompts
+    (another image's prompt: what a model that ignored the text would score, the chance level)."""
+
+    prompts: list[str]
+    images: dict[float, np.ndarray]
+    scores: dict[float, probe.PromptScore]
+    shuffled: dict[float, probe.PromptScore]
+
+    def table(self, real: probe.PromptScore | None = None) -> str:
+        """A markdown table: one row per scale, its chance row under it, and ``real`` (real images) on top."""
+        rows = [probe.PromptScore.HEADER]
+        if real is not None:
+            rows.append(real.row("real images"))
+        for w, score in self.scores.items():
+            rows += [score.row(f"w = {w:g}"), self.shuffled[w].row(f"w = {w:g}, shuffled prompts")]
+        return "\n".join(rows)
+
+
+def prompt_following(
+    pipe,
+    prompts: list[str],
+    guidance_scales: list[float],
+    *,
+    reader: probe.ShapesProbe | None = None,
+    num_inference_steps: int = 25,
+    scheduler: str | None = "ddim",
+    seed: int = 0,
+    negative_prompt: str | None = None,
+    batch_size: int = 100,
+) -> GuidanceSweep:
+    """Generate one image per prompt at each guidance scale (the same seeds, so the same starting noise
+    for every scale) and score them with the attribute probe (the shipped 16-px one by default).
+    ``pipe`` is a :class:`sdjax.StableDiffusion`; the prompts must be shapes captions."""
+    reader = reader or probe.load(16)
+    wanted = [data.parse_caption(p) for p in prompts]
+    shuffled = [wanted[i] for i in np.random.default_rng(seed).permutation(len(wanted))]
+    images, scores, chance = {}, {}, {}
+    for w in guidance_scales:
+        parts = [
+            pipe(
+                prompts[i : i + batch_size],
+                negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=w,
+                scheduler=scheduler,
+                seed=seed + i,
+                output_type="np",
+            )
+            for i in range(0, len(prompts), batch_size)
+        ]
+        images[w] = np.concatenate(parts) * 2.0 - 1.0
+        reading = probe.read(reader, images[w])
+        scores[w], chance[w] = probe.score_prompts(reading, wanted), probe.score_prompts(reading, shuffled)
+    return GuidanceSweep(list(prompts), images, scores, chance)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -388,12 +507,14 @@ def main(argv: list[str] | None = None) -> None:
     device = jax.devices()[0]
     info = {
         "recipe": TINY_SD.name,
+        "images": TINY_SD.num_images,
+        "steps": {"vae": TINY_SD.vae_steps, "clip": TINY_SD.clip_steps, "unet": TINY_SD.unet_steps},
         "final_loss": {stage: float(np.mean(h["loss"][-200:])) for stage, h in trained.histories.items() if h},
         "minutes_this_session": round((time.time() - start) / 60, 1),
         "device": f"{device.platform}: {device.device_kind} ×{jax.device_count()}",
         "date": datetime.date.today().isoformat(),
     }
-    print(f"wrote {save_bundle(trained.components, args.out, info)}: {info}")
+    print(f"wrote {save_bundle(trained.components, args.out, info, clip=trained.clip)}: {info}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from flax import nnx
 from PIL import Image
 
 import sdjax
-from sdjax import convert
+from sdjax import convert, tiny_sd
 from sdjax.cli import main
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
@@ -205,7 +205,8 @@ def run_error(capsys, args):
     return code, err.strip()
 
 
-def test_input_errors_are_one_line(model, tmp_path, capsys):
+def test_input_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tiny_sd, "BUNDLE", tmp_path / "no-bundle")  # a broken install: no --ckpt cannot fall back
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "not-a-model").mkdir()
@@ -213,7 +214,7 @@ def test_input_errors_are_one_line(model, tmp_path, capsys):
     txt2img = ["txt2img", "--outdir", str(tmp_path / "out"), *STEPS]
     run = [*txt2img, "--ckpt", model]
     cases = {
-        "--ckpt is required for now": txt2img,
+        "no --ckpt given and the bundled model is missing from": txt2img,
         "no such checkpoint file: ": [*txt2img, "--ckpt", str(tmp_path / "missing.safetensors")],
         "bad.safetensors is not a readable safetensors file": [*txt2img, "--ckpt", str(tmp_path / "bad.safetensors")],
         "not-a-model is not a complete diffusers Stable Diffusion folder": [

@@ -41,6 +41,10 @@ def euler_step(x, x0_hat, sigma, sigma_next):
     return x + (sigma_next - sigma) * (x - x0_hat) / sigma
 
 
+def clip_ce(logits):  # mean_i (log Σ_j exp ℓ_ij − ℓ_ii), written independently of optax
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diag(logits))
+
+
 CASES = {
     "upsample_nearest": (
         ex.check_upsample_nearest,
@@ -118,6 +122,25 @@ CASES = {
             (lambda x, d0, s, s1: x + (s1 - s) * (x - d0) / s**2, "σ²"),
             (lambda x, d0, s, s1: x + (s1 - s) * (x - d0) / s1, "not at σ_next"),
             (lambda x, d0, s, s1: d0 + s1 * (x - d0), "ε̂ = (x − x̂_0)/σ"),
+        ],
+    ),
+    "clip_loss": (
+        ex.check_clip_loss,
+        lambda u, w, s: 0.5 * (clip_ce(s * u @ w.T) + clip_ce(s * (u @ w.T).T)),
+        [
+            (lambda u, w, s: clip_ce(s * u @ w.T), "one direction only"),
+            (lambda u, w, s: 0.5 * (clip_ce(u @ w.T) + clip_ce(w @ u.T)), "multiply the cosine similarities"),
+            (lambda u, w, s: clip_ce(s * u @ w.T) + clip_ce(s * w @ u.T), "averaged (½ each), not summed"),
+            (lambda u, w, s: -jnp.mean(jnp.diag(s * u @ w.T)), "a cross-entropy over all B"),
+        ],
+    ),
+    "guidance": (
+        ex.check_guidance,
+        lambda u, c, w: (1 - w) * u + w * c,  # the same combination, written as a mixture
+        [
+            (lambda u, c, w: c + w * (c - u), "the paper's convention"),
+            (lambda u, c, w: u + w * (u - c), "the sign is flipped"),
+            (lambda u, c, w: w * c, "not a rescaled"),
         ],
     ),
 }

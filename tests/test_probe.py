@@ -38,6 +38,17 @@ def test_shipped_probe_reads_fresh_real_images(shipped, max_objects):
     assert reading.sample(0) is not None and reading.caption(0) == data.caption(reading.sample(0))
 
 
+@pytest.mark.parametrize("max_objects", [1, 2])
+def test_shipped_probe_reads_64px_images_through_a_box_filter(shipped, max_objects):
+    """The bundled text-to-image model makes 64-px images; read() averages them over 4×4 blocks. Measured:
+    background, presence, colour, size 99.9–100 %; shape 97.3 % (one object) and 96.3 % (two); all 97.3 / 94.3 %."""
+    ds = data.make_shapes(1000, resolution=64, seed=4245, max_objects=max_objects)
+    score = probe.score_prompts(probe.read(shipped, ds.images), ds.attributes)
+    for attribute in ("background", "present", "colour", "size", "exact_count"):
+        assert getattr(score, attribute) > 0.99, score
+    assert score.shape > 0.93 and score.all > 0.9, score
+
+
 def test_probe_is_unsure_of_noise_and_scores_wrong_prompts_low(shipped):
     noise = np.random.default_rng(0).normal(size=(300, 16, 16, 3)).astype(np.float32)
     assert probe.read(shipped, noise).confident.mean() < 0.1  # measured 3 %
@@ -68,5 +79,5 @@ def test_save_load_round_trip_and_errors(tmp_path, shipped):
     io.save_tree(tmp_path / "other.safetensors", {"w": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="not written by sdjax.probe"):
         probe.load(path=tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match=r"\(16, 16, 3\)"):
-        probe.read(shipped, np.zeros((2, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(k·16, k·16, 3\) images for an integer k"):
+        probe.read(shipped, np.zeros((2, 24, 24, 3), np.float32))

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 import sdjax
-from sdjax import convert, tiny_sd
+from sdjax import tiny_sd
 from sdjax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D
 from sdjax.nn import count_params
@@ -87,12 +87,25 @@ def test_three_stages_end_to_end_and_the_pipeline_runs_the_result(tmp_path):
     sd = trained.components
     assert sd.vae.config.scaling_factor > 0 and sorted(trained.histories) == ["clip", "unet", "vae"]
     assert (tmp_path / "runs" / "unet.safetensors").is_file()  # a rerun resumes from here
-    convert.save_sdjax(sd, tmp_path / "model")
-    pipe = sdjax.StableDiffusion.from_pretrained(tmp_path / "model")
+    folder = tiny_sd.save_bundle(sd, tmp_path / "model", {"note": "test"}, clip=trained.clip)
+    pipe = sdjax.StableDiffusion.from_pretrained(folder)
+    assert pipe.components.scheduler_config["_class_name"] == "DDIMScheduler"  # the bundle's own sampler
     prompt = "a large red circle in the centre on a white background"
     a = pipe(prompt, num_inference_steps=3, seed=1, output_type="np")
-    b = pipe(prompt, num_inference_steps=3, seed=1, output_type="np")
+    b = pipe(prompt, num_inference_steps=3, seed=1, output_type="np", scheduler="ddim")
     assert a.shape == (1, 32, 32, 3) and np.array_equal(a, b)
+
+    # CLIP comes back whole (float16 on disk: the embeddings agree to f16 precision)
+    clip = tiny_sd.load_clip(pipe.text_encoder, folder)
+    ds = TINY.data(4)
+    ids = tiny_sd.tokenize(TINY.tokenizer(), ds.captions)
+    np.testing.assert_allclose(clip.embed_image(ds.images), trained.clip.embed_image(ds.images), atol=5e-3)
+    np.testing.assert_allclose(clip.embed_text(ids), trained.clip.embed_text(ids), atol=5e-3)
+    assert float(clip.logit_scale[...]) == float(np.float16(trained.clip.logit_scale[...]))
+
+
+def test_recipe_captions_are_the_training_captions():
+    assert TINY.captions(50) == TINY.data(50).captions
 
 
 def test_recipe_sizes():
