@@ -160,7 +160,7 @@ class TinySDRecipe:
         clip_sample=False,
     )
     caption_dropout: float = 0.1
-    unet_steps: int = 6_000
+    unet_steps: int = 5_000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
