@@ -21,12 +21,12 @@ C. the denoiser: a ``UNet2DConditionModel`` (:mod:`sdjax.models.unet`) trained o
    same network also learns the unconditional ε̂(z_t, t, c_∅) that classifier-free guidance needs.
 
 :data:`TINY_SD` is the recipe of the model that ships with sdjax (``sdjax/weights/tiny-sd-shapes``, the
-default of ``sdjax txt2img``): 64-px images, SD's 4-level VAE (f = 8: 8×8×4 latents), a 4-layer CLIP
-text tower of width 64 on CLIP's real tokenizer, and a 2-level cross-attention UNet. :func:`train` runs
-the stages (each resumes from its checkpoint) and returns the result as :class:`sdjax.convert.Components`; :func:`save_bundle`
-writes it in sdjax's layout, so that ``sdjax.StableDiffusion.from_pretrained`` and ``sdjax txt2img`` run
-it exactly like real SD. :func:`prompt_following` measures how well a model does what its prompts say, with
-the attribute probe of :mod:`sdjax.probe` (notebook 04, section 6).
+default of ``sdjax txt2img``): 64-px images, SD's 4-level VAE (f = 8: 8×8×4 latents), a 4-layer CLIP text
+tower of width 64 on CLIP's real tokenizer, and a 2-level cross-attention UNet. :func:`train` runs the
+stages (each resumes from its checkpoint) and returns the result as :class:`sdjax.convert.Components`;
+:func:`save_bundle` writes it in sdjax's layout, so that ``sdjax.StableDiffusion.from_pretrained`` and
+``sdjax txt2img`` run it exactly like real SD. :func:`prompt_following` measures how well a model does what
+its prompts say, with the attribute probe of :mod:`sdjax.probe` (notebook 04, section 6).
 """
 
 from __future__ import annotations
