@@ -391,6 +391,41 @@ def check_guidance(fn: Callable) -> bool:
     return ok
 
 
+# --- notebook 05 ------------------------------------------------------------------------------------
+
+
+def check_latents_to_image(fn: Callable) -> bool:
+    """Exercise: SD's last stage, ``fn(decode, z, scaling_factor)`` → images in [0, 1]: undo the scaling,
+    decode, and map the decoder's [−1, 1] to pixel values,
+
+        x = D(z / s),    image = clip((x + 1) / 2, 0, 1),
+
+    z (N, h, w, 4) the final latents, ``decode`` the VAE decoder D: (N, h, w, 4) → (N, 8h, 8w, 3). Checked
+    with a stand-in decoder whose outputs go slightly past [−1, 1], so that the clipping matters.
+    """
+    (z,) = _inputs(9, (2, 2, 2, 4))
+    z = 0.3 * z
+
+    def decode(latents):  # a stand-in for the VAE: 8× nearest upsampling of 3 channels, a little past ±1
+        x = jnp.repeat(jnp.repeat(latents[..., :3], 8, axis=1), 8, axis=2)
+        return 1.2 * jnp.tanh(x)
+
+    def reference(decode, z, s):
+        return jnp.clip((decode(z / s) + 1) / 2, 0.0, 1.0)
+
+    mistakes = [
+        (lambda d, z, s: jnp.clip((d(z * s) + 1) / 2, 0, 1), "the latents were multiplied by s when they were "
+         "encoded (z = s·E(x)); to decode, divide: D(z / s)."),
+        (lambda d, z, s: jnp.clip((d(z) + 1) / 2, 0, 1), "undo the scaling factor first: the decoder expects "
+         "E(x) = z / s, not the scaled z."),
+        (lambda d, z, s: jnp.clip(d(z / s), 0, 1), "the decoder's output lies in [−1, 1]: map it to [0, 1] with "
+         "(x + 1) / 2 before clipping (clipping alone turns every dark value black)."),
+        (lambda d, z, s: (d(z / s) + 1) / 2, "clip to [0, 1]: the decoder can overshoot ±1 a little, and an image "
+         "library would wrap or reject those values."),
+    ]  # fmt: skip
+    return _check("latents_to_image", fn, reference, (decode, z, 0.18215), mistakes)
+
+
 # --- stripping solutions ------------------------------------------------------------------------------
 
 _SOLUTION = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION.*?^[ \t]*# END SOLUTION[^\n]*\n?", re.M | re.S)

@@ -134,6 +134,16 @@ CASES = {
             (lambda u, w, s: -jnp.mean(jnp.diag(s * u @ w.T)), "a cross-entropy over all B"),
         ],
     ),
+    "latents_to_image": (
+        ex.check_latents_to_image,
+        lambda d, z, s: jnp.minimum(jnp.maximum(d(z / s) * 0.5 + 0.5, 0.0), 1.0),
+        [
+            (lambda d, z, s: jnp.clip((d(z * s) + 1) / 2, 0, 1), "divide: D(z / s)"),
+            (lambda d, z, s: jnp.clip((d(z) + 1) / 2, 0, 1), "undo the scaling factor first"),
+            (lambda d, z, s: jnp.clip(d(z / s), 0, 1), "map it to [0, 1]"),
+            (lambda d, z, s: (d(z / s) + 1) / 2, "clip to [0, 1]"),
+        ],
+    ),
     "guidance": (
         ex.check_guidance,
         lambda u, c, w: (1 - w) * u + w * c,  # the same combination, written as a mixture
