@@ -44,6 +44,13 @@ transformers:
   them may tokenize differently. (Stdlib ``re`` is not used: it lacks \\p{L}, and its \\s also matches
   the separators U+001C..U+001F, which are not Unicode whitespace.)
 
+New words. :meth:`CLIPTokenizer.add_tokens` adds whole-word tokens, as transformers' ``add_tokens`` does:
+each gets the next free id and is cut out of a prompt before BPE, so "a photo of <my-cat>" ends in one id
+for "<my-cat>" however BPE would have split it. They are matched after cleaning, so case does not matter
+("<My-Cat>" in a prompt is the same token) and any whitespace run in a prompt matches a space in the
+token. This is how textual inversion (:mod:`sdjax.textual_inversion`) gives a learned concept its own
+row of the text encoder's embedding table.
+
 Usage:
 
     tok = CLIPTokenizer.from_folder("stable-diffusion-v1-5/tokenizer")   # or CLIPTokenizer.from_bpe_file()
@@ -57,7 +64,7 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +144,21 @@ def _token_matcher(tokens: Sequence[str]) -> re.Pattern | None:
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
 
 
+def normalize_token(token: str) -> str:
+    """An added token as it is matched in a cleaned prompt: cleaned, each whitespace run one space
+    ("<My  Cat>" -> "<my cat>"). transformers normalizes a "normalized" added token the same way."""
+    return regex.sub(r"\s+", " ", clean_text(token))
+
+
+def _normalized_token_matcher(forms: Sequence[str]) -> regex.Pattern | None:
+    # As _token_matcher, over normalized forms; a space in a form matches any whitespace run of the
+    # cleaned prompt, which clean_text does not collapse.
+    if not forms:
+        return None
+    patterns = [r"\s+".join(map(regex.escape, f.split(" "))) for f in sorted(forms, key=len, reverse=True)]
+    return regex.compile("(" + "|".join(patterns) + ")")
+
+
 class CLIPTokenizer:
     """CLIP's byte-level BPE tokenizer, id-for-id equal to ``transformers.CLIPTokenizer`` (version 5).
 
@@ -148,6 +170,8 @@ class CLIPTokenizer:
       added_tokens: {token string: normalized}: strings cut out of a prompt and mapped straight to
         their id — matched in the raw prompt, or in the cleaned one if normalized. Default: bos, eos
         and pad, raw, as transformers builds them from a bare vocab.json + merges.txt.
+      special_tokens: the added tokens that :meth:`decode` leaves out; default all of them. bos, eos
+        and pad always are. Words added by :meth:`add_tokens` are not special.
     """
 
     def __init__(
@@ -160,6 +184,7 @@ class CLIPTokenizer:
         pad_token: str = EOS,
         model_max_length: int = CONTEXT_LENGTH,
         added_tokens: Mapping[str, bool] | None = None,
+        special_tokens: Collection[str] | None = None,
     ):
         self.vocab = dict(vocab)
         self.id_to_token = {i: t for t, i in self.vocab.items()}
@@ -170,12 +195,25 @@ class CLIPTokenizer:
         if added_tokens is None:
             added_tokens = {bos_token: False, eos_token: False, pad_token: False}
         self.added_tokens = dict(added_tokens)
-        missing = [t for t in (*self.added_tokens, bos_token, eos_token, pad_token) if t not in self.vocab]
+        special = set(self.added_tokens) if special_tokens is None else set(special_tokens)
+        self.special_tokens = special | {bos_token, eos_token, pad_token}
+        missing = [t for t in (*self.added_tokens, *self.special_tokens) if t not in self.vocab]
         if missing:
             raise ValueError(f"special/added tokens {missing} are not in the vocabulary")
-        self._raw_added = _token_matcher([t for t, normalized in self.added_tokens.items() if not normalized])
-        self._normalized_added = _token_matcher([t for t, normalized in self.added_tokens.items() if normalized])
         self._cache: dict[str, list[str]] = {}  # word -> its BPE symbols; prompts repeat words a lot
+        self._build_matchers()
+
+    def _build_matchers(self) -> None:
+        """Index the added tokens for :meth:`encode` (raw ones by their text, normalized ones by
+        :func:`normalize_token`) and :meth:`decode` (a non-special one decodes to its own text)."""
+        self._raw_added = _token_matcher([t for t, normalized in self.added_tokens.items() if not normalized])
+        self._normalized_ids = {normalize_token(t): self.vocab[t] for t, norm in self.added_tokens.items() if norm}
+        self._normalized_added = _normalized_token_matcher(list(self._normalized_ids))
+        self._decode_symbols = {  # the token's UTF-8 bytes as stand-ins, with no end-of-word mark
+            t: "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8"))
+            for t in self.added_tokens
+            if t not in self.special_tokens
+        }
 
     # ---------------------------------------------------------------- construction and saving
 
@@ -209,8 +247,10 @@ class CLIPTokenizer:
 
         Special tokens and ``model_max_length`` come from tokenizer_config.json, overridden by
         special_tokens_map.json (SD 2.x sets ``pad_token: "!"`` only there), unless the config lists
-        its ``added_tokens_decoder`` — then that list, with its "normalized" flags, is authoritative.
-        This is how transformers 5 resolves them; missing fields take CLIP's defaults.
+        its ``added_tokens_decoder`` — then that list, with its ids and "normalized" and "special"
+        flags, is authoritative. Without it, added words (:meth:`add_tokens`) come from tokenizer.json's
+        list or, as transformers 4 saved them, from added_tokens.json ({token: id}). This is how
+        transformers 5 resolves them; missing fields take CLIP's defaults.
         """
         folder = Path(path)
         fast = folder / "tokenizer.json"  # transformers 5 saves only this (vocab and merges inside)
@@ -219,7 +259,7 @@ class CLIPTokenizer:
             model = json.loads(fast.read_text(encoding="utf-8"))
             vocab = model["model"]["vocab"]
             merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["model"]["merges"]]
-            fast_added = {t["content"]: t.get("normalized", False) for t in model.get("added_tokens", [])}
+            fast_added = {str(t["id"]): t for t in model.get("added_tokens", [])}
         elif missing:
             raise FileNotFoundError(
                 f"{folder} is not a CLIP tokenizer folder: {' and '.join(missing)} (or tokenizer.json) not found. "
@@ -245,16 +285,30 @@ class CLIPTokenizer:
             fields.update({name: special_map[name] for name in SPECIAL_TOKEN_FIELDS if special_map.get(name)})
         # A field is either the token string or a dict {"content": string, "normalized": bool, ...}.
         content = {name: value["content"] if isinstance(value, dict) else value for name, value in fields.items()}
-        listed = config.get("added_tokens_decoder")
-        if listed is not None or fast_added is not None:  # the saved list of added tokens is authoritative
-            if listed is not None:
-                added = {t["content"]: t.get("normalized", False) for t in listed.values()}
-            else:
-                added = dict(fast_added)
-            for token in content.values():
-                added.setdefault(token, False)
-        else:  # one entry per distinct string; a later field overwrites an earlier one's flag
-            added = {content[name]: isinstance(v, dict) and v.get("normalized", False) for name, v in fields.items()}
+        # token -> (saved id or None, normalized, special)
+        listed = config.get("added_tokens_decoder", fast_added)
+        if listed is not None:  # the saved list of added tokens is authoritative
+            flags = {
+                t["content"]: (int(i), t.get("normalized", False), t.get("special", False)) for i, t in listed.items()
+            }
+        else:  # added words only in added_tokens.json ({token: id}, as transformers 4 saved them), then the
+            # special-token fields: one entry per distinct string, a later field overwriting an earlier one's flag
+            flags = {t: (i, True, False) for t, i in read_json("added_tokens.json").items()}
+            for name, value in fields.items():
+                flags[content[name]] = (None, isinstance(value, dict) and value.get("normalized", False), True)
+        for token in content.values():
+            flags.setdefault(token, (None, False, True))
+        vocab = dict(vocab)  # added words have ids past the BPE vocabulary: give each its saved id
+        owner = {i: t for t, i in vocab.items()}
+        for token, (i, _, _) in flags.items():
+            if token in vocab or i is None:
+                continue
+            if i in owner:
+                raise ValueError(
+                    f"{folder}: added token {token!r} is saved with id {i}, which {owner[i]!r} already has; "
+                    "the folder's files disagree (edited by hand?)"
+                )
+            vocab[token] = owner[i] = i
         return cls(
             vocab,
             merges,
@@ -262,18 +316,23 @@ class CLIPTokenizer:
             eos_token=content["eos_token"],
             pad_token=content["pad_token"],
             model_max_length=config.get("model_max_length", CONTEXT_LENGTH),
-            added_tokens=added,
+            added_tokens={token: normalized for token, (_, normalized, _) in flags.items()},
+            special_tokens={token for token, (_, _, special) in flags.items() if special},
         )
 
     def save_folder(self, path: str | os.PathLike) -> Path:
         """Write vocab.json, merges.txt and tokenizer_config.json, readable by ``transformers.CLIPTokenizer``.
 
-        Returns the folder. The config lists every added token with its "normalized" flag, so both
-        :meth:`from_folder` and transformers load back exactly this tokenizer.
+        Returns the folder. The config lists every added token with its id and "normalized" and
+        "special" flags, so both :meth:`from_folder` and transformers load back exactly this tokenizer.
+        Words added by :meth:`add_tokens` are kept out of vocab.json and also listed in
+        added_tokens.json, as transformers 4 stored them (transformers 5 reads either list).
         """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        words = {t: self.vocab[t] for t in self.added_tokens if t not in self.special_tokens}
+        vocab = {t: i for t, i in self.vocab.items() if t not in words}
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         merges = "".join(f"{a} {b}\n" for a, b in self.merges)
         (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
         added_tokens_decoder = {
@@ -283,7 +342,7 @@ class CLIPTokenizer:
                 "normalized": normalized,
                 "rstrip": False,
                 "single_word": False,
-                "special": True,
+                "special": token in self.special_tokens,
             }
             for token, normalized in self.added_tokens.items()
         }
@@ -299,7 +358,44 @@ class CLIPTokenizer:
         (folder / "tokenizer_config.json").write_text(
             json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8"
         )
+        if words:
+            (folder / "added_tokens.json").write_text(json.dumps(words, ensure_ascii=False, indent=2), encoding="utf-8")
         return folder
+
+    def add_tokens(self, tokens: str | Sequence[str]) -> list[int]:
+        """Add whole-word tokens (transformers' ``add_tokens``); returns their ids, the next free ones in order.
+
+        Each is cut out of a prompt before BPE and becomes its one id (the text encoder needs a row
+        for it: :func:`sdjax.textual_inversion.add_embeddings` adds both). Matching is on the cleaned
+        prompt, so "<My-Cat>" and "<my-cat>" are one token, and it applies inside words too:
+        "<cat>s" is "<cat>" then "s". A string that is already a token is refused, as is one that would
+        match the same text as an added token; nothing is added unless all are new.
+        """
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        twice = sorted({t for t in tokens if tokens.count(t) > 1})
+        if twice:
+            raise ValueError(f"tokens {twice} are listed more than once; add each once")
+        taken = {normalize_token(t): t for t, normalized in self.added_tokens.items() if normalized}
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"a token must be a non-empty string, got {token!r}")
+            if token in self.vocab:
+                raise ValueError(
+                    f"{token!r} is already in the tokenizer's vocabulary (id {self.vocab[token]}), so it cannot be a "
+                    'new token: pick a rarer string, e.g. "<my-cat>"'
+                )
+            form = normalize_token(token)
+            if form in taken:
+                raise ValueError(
+                    f"{token!r} would match the same text as the token {taken[form]!r} (prompts are matched "
+                    f"lowercased, as {form!r}): pick another string, or use {taken[form]!r}"
+                )
+            taken[form] = token
+        first = max(self.id_to_token) + 1
+        for i, token in enumerate(tokens, start=first):
+            self.vocab[token], self.id_to_token[i], self.added_tokens[token] = i, token, True
+        self._build_matchers()
+        return list(range(first, first + len(tokens)))
 
     # ---------------------------------------------------------------- properties
 
@@ -351,7 +447,7 @@ class CLIPTokenizer:
     def _encode_cleaned(self, text: str) -> Iterator[int]:
         for segment, is_added in _split_on(text, self._normalized_added):
             if is_added:
-                yield self.vocab[segment]
+                yield self._normalized_ids[regex.sub(r"\s+", " ", segment)]
                 continue
             for word in pre_tokenize(segment):
                 byte_word = "".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8"))
@@ -423,10 +519,12 @@ class CLIPTokenizer:
 
         Words come back separated by spaces even where the prompt had none ("cat," -> "cat ,"): the
         "</w>" markers say where a word ended, not what followed it. With ``skip_special_tokens``
-        the added tokens (bos, eos, padding) are left out.
+        the special tokens (bos, eos, padding) are left out. A word added by :meth:`add_tokens` comes
+        back as it was added, with no space after it (transformers gives it lowercased).
         """
-        skip = {self.vocab[t] for t in self.added_tokens} if skip_special_tokens else set()
-        symbols = "".join(self.id_to_token[int(i)] for i in np.asarray(ids).reshape(-1) if int(i) not in skip)
+        skip = {self.vocab[t] for t in self.special_tokens} if skip_special_tokens else set()
+        tokens = [self.id_to_token[int(i)] for i in np.asarray(ids).reshape(-1) if int(i) not in skip]
+        symbols = "".join(self._decode_symbols.get(t, t) for t in tokens)
         # Back from stand-in characters to bytes, then UTF-8; a cut multi-byte character becomes U+FFFD.
         text = bytes(CHAR_TO_BYTE[c] for c in symbols).decode("utf-8", errors="replace")
         return text.replace(END_OF_WORD, " ").strip()
