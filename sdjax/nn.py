@@ -155,17 +155,101 @@ class Upsample(nnx.Module):
         return self.conv(upsample_nearest(x))
 
 
-def attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
+# Which kernel computes softmax(q kᵀ / √d) v (see :func:`attention_backend`).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+HALF_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def accelerator() -> tuple[str, str | None]:
+    """(platform, CUDA compute capability) of the default backend's first device: ("cuda", "9.0") on an
+    H100, ("cpu", None), ("tpu", None), ("rocm", None). Read when a function is traced."""
+    device = jax.local_devices()[0]
+    if device.platform == "gpu":
+        if "cuda" in device.client.platform_version.lower():
+            return "cuda", device.compute_capability
+        return "rocm", None
+    return device.platform, None
+
+
+def attention_backend(
+    implementation: str,
+    *,
+    platform: str,
+    dtype,
+    head_dim: int,
+    compute_capability: str | None = None,
+    masked: bool = False,
+) -> str:
+    """The kernel :func:`attention` runs: "cudnn" (cuDNN's fused flash attention) or "xla" (XLA's
+    portable einsum → softmax → einsum, on every platform).
+
+    cuDNN's kernel never writes the (T × T) score matrix to memory: at SD's 64×64 latents (T = 4096
+    tokens) that matrix alone is 8 heads × 4096² × 2 bytes = 268 MB per image, which XLA's path does
+    write and read back. The kernel exists only for a CUDA GPU, float16/bfloat16 inputs and head dims
+    d that are multiples of 8 up to 128 (256 from Hopper, compute capability 9.0, on): SD1.5's
+    d = 40, 80, 160 all qualify on an H100; 160 does not on an A100.
+
+    implementation: "auto" picks cudnn when all of that holds (and no ``mask`` array is given: CLIP's
+    padding masks stay on XLA), xla otherwise; "xla" always xla; "cudnn" always cudnn, a ValueError
+    naming the condition that fails when it cannot run.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation == "xla":
+        return "xla"
+    limit = 256 if compute_capability and tuple(map(int, compute_capability.split("."))) >= (9, 0) else 128
+    unmet = [
+        reason
+        for reason, failed in (
+            (f"it needs a CUDA GPU (this is {platform})", platform != "cuda"),
+            (f"it needs float16 or bfloat16 (got {jnp.dtype(dtype).name})", jnp.dtype(dtype) not in HALF_DTYPES),
+            (f"the head dim must be a multiple of 8 and ≤ {limit} (got {head_dim})", head_dim % 8 or head_dim > limit),
+        )
+        if failed
+    ]
+    if implementation == "cudnn" and unmet:
+        raise ValueError(f"attention implementation 'cudnn' cannot run: {'; '.join(unmet)}. Use 'auto' or 'xla'")
+    return "cudnn" if implementation == "cudnn" or not (unmet or masked) else "xla"
+
+
+def attention(
+    q: Array, k: Array, v: Array, *, mask: Array | None = None, is_causal: bool = False, implementation: str = "auto"
+) -> Array:
     """Scaled dot-product attention, softmax(q kᵀ / √d) v, over (B, T, heads, d) inputs.
 
     ``mask``: optional boolean array broadcastable to (B, heads, T_q, T_k); True where query i may
     attend to key j (e.g. (B, 1, 1, T_k) to hide padding tokens). ``is_causal``: query i sees only
     keys j ≤ i, as in a language model (CLIP's text encoder). Both together allow the logical AND.
 
-    ``jax.nn.dot_product_attention`` lets XLA pick its kernel (and cuDNN's fused attention on GPU),
-    while staying portable to CPU and TPU.
+    ``implementation``: "auto", "xla" or "cudnn", resolved by :func:`attention_backend` for the
+    default backend when the function is traced (auto: cuDNN's fused kernel on a CUDA GPU in half
+    precision, XLA's portable path on CPU and TPU).
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    platform, capability = accelerator()
+    backend = attention_backend(
+        implementation,
+        platform=platform,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        compute_capability=capability,
+        masked=mask is not None,
+    )
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=backend)
+
+
+def set_attention_implementation(module: nnx.Module, implementation: str) -> int:
+    """Make every :class:`Attention` inside ``module`` use ``implementation`` ("auto", "xla" or "cudnn").
+
+    The choice is a static attribute of each layer, part of the model's graph, so a jitted function
+    that takes the model compiles anew after a change instead of running the old kernel. Returns the
+    number of layers set. (CLIP's text encoder has its own attention and always runs "auto".)
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    layers = [m for _, m in nnx.iter_modules(module) if isinstance(m, Attention)]
+    for layer in layers:
+        layer.implementation = implementation
+    return len(layers)
 
 
 class Attention(nnx.Module):
@@ -178,6 +262,8 @@ class Attention(nnx.Module):
 
     ``upcast``: compute the softmax(QKᵀ)V in float32 even when the weights are bf16/fp16
     (SD2.1's ``upcast_attention``: its attention logits overflow half precision).
+    ``implementation``: the kernel, "auto", "xla" or "cudnn" (:func:`attention_backend`;
+    :func:`set_attention_implementation` changes it in a built model).
 
     Shapes: x (B, T, D_q), context (B, S, D_c) or None → (B, T, D_q); inner width = heads · head_dim.
     """
@@ -191,10 +277,11 @@ class Attention(nnx.Module):
         context_dim: int | None = None,
         bias: bool = False,
         upcast: bool = False,
+        implementation: str = "auto",
         rngs: nnx.Rngs,
     ):
         inner, context_dim = heads * head_dim, context_dim or query_dim
-        self.heads, self.upcast = heads, upcast
+        self.heads, self.upcast, self.implementation = heads, upcast, implementation
         self.to_q = nnx.Linear(query_dim, inner, use_bias=bias, rngs=rngs)
         self.to_k = nnx.Linear(context_dim, inner, use_bias=bias, rngs=rngs)
         self.to_v = nnx.Linear(context_dim, inner, use_bias=bias, rngs=rngs)
@@ -207,7 +294,7 @@ class Attention(nnx.Module):
         split = lambda t: t.reshape(*t.shape[:2], self.heads, t.shape[-1] // self.heads)  # noqa: E731
         dtype = jnp.float32 if self.upcast else x.dtype  # one dtype for all three (a float32 context
         q, k, v = (split(a).astype(dtype) for a in (q, k, v))  # under a bf16 network would promote k, v)
-        out = attention(q, k, v).astype(x.dtype)
+        out = attention(q, k, v, implementation=self.implementation).astype(x.dtype)
         return self.to_out(out.reshape(*x.shape[:2], -1))
 
     def __call__(self, x: Array, context: Array | None = None) -> Array:

@@ -1,0 +1,811 @@
+"""sdjax against diffusers (PyTorch) on the same machine, in one run, with the same random weights.
+
+    python benchmarks/bench.py --size sd15                  # on a GPU: SD1.5's shapes, 512², bfloat16
+    python benchmarks/bench.py --size tiny                  # on a CPU: a tiny SD, float32, a few minutes
+
+(``--no-processes`` / ``--processes-only`` split a run in two, each part with its own report.)
+
+One invocation builds Stable Diffusion with random weights in sdjax (:func:`sdjax.speed.random_components`),
+converts the very same weights to diffusers' ``UNet2DConditionModel``, ``AutoencoderKL`` and transformers'
+``CLIPTextModel`` (:mod:`sdjax.convert`'s names and layouts, checked by comparing one UNet output), and
+times, on every side:
+
+- the UNet forward at batch 2 (one CFG pair) and batch 16;
+- txt2img, K steps (50) of DDIM with classifier-free guidance (w = 7.5), batch 1 and batch 8, text
+  encoding and VAE decoding included, images returned to the host as NumPy arrays;
+- the VAE decoding of one image;
+- one training step of the UNet: AdamW, batch 8, float32 master weights with the forward and backward
+  in the benchmark's dtype (sdjax casts the parameters inside the loss; PyTorch uses autocast), the
+  diffusion loss on random latents (64² for SD1.5) and random text states (diffusers eager only);
+- the first txt2img call of this process (compilation included), and in new processes the time to the
+  first image with an empty and with a warm persistent compilation cache;
+- on a GPU, each side's peak memory for one image at 512², 512×1024 and 1024² (SD1.5), each in a fresh
+  process: jax's allocator peak (``memory_stats()["peak_bytes_in_use"]``, with preallocation off) and
+  ``torch.cuda.max_memory_allocated``. On a CPU: n/a.
+
+Timing: every measure is called once untimed (compilation, autotuning, caches), then ``--reps`` times;
+the table gives the median, the min–max and the number of reps. GPU work is waited for before the
+clock stops (``block_until_ready``, ``torch.cuda.synchronize``).
+
+Utilisation: FLOPs come from XLA's cost analysis of sdjax's compiled functions (a multiply-add counts
+2); the networks are the same on both sides, so the same count divides each side's time. txt2img's
+count is composed from its parts, K · F_UNet(2N) + F_VAE(N) (the text encoder's share is under 0.1 % for
+SD1.5), since the cost analysis does not multiply a loop's body by its trip count. The ceiling is the
+best of a large matrix product timed with jax and with torch in the benchmark's dtype.
+
+Writes the markdown report to ``--out`` (default benchmarks/RESULTS.md) and prints it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before jax starts: allocate GPU memory as needed rather than 75 % up front, so torch can share the GPU
+# and jax's peak-memory statistic means what it says.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+START = time.perf_counter()
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+GUIDANCE = 7.5
+SIZES = {  # image size, training latent size, the sizes whose peak memory is measured (GPU)
+    "sd15": dict(image=512, train_latent=64, memory=[(512, 512), (512, 1024), (1024, 1024)]),
+    "tiny": dict(image=64, train_latent=8, memory=[(64, 64)]),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+# the issue's targets for SD1.5 at 512² on one GPU (evaluated only for --size sd15 on a GPU)
+TARGETS = {"txt2img_1": 350.0, "txt2img_8": 5.0, "unet_16_util": 0.60, "vae": 15.0, "cold": 30.0, "warm": 5.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds of the first (untimed-for-the-median) call and of each timed rep."""
+
+    first: float
+    reps: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.reps)
+
+
+def time_calls(fn: Callable[[], object], reps: int) -> Timing:
+    """Call ``fn`` once (warm-up: compilation, autotuning), then ``reps`` times; each call must return
+    only when its work is done."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return Timing(first, times)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two sides
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_components(args):
+    """The random-weight model in float32, in host memory (both sides are made from it)."""
+    import jax
+
+    from sdjax.speed import random_components
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        return random_components(args.size, seed=0)
+
+
+class Sdjax:
+    """sdjax's pipeline and networks on jax's default device."""
+
+    def __init__(self, components, args, attention: str):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from sdjax import StableDiffusion
+        from sdjax.nn import set_attention_implementation
+
+        self.name = "sdjax" if attention == "auto" else f"sdjax ({attention} attention)"
+        self.args, self.dtype = args, jnp.dtype(args.dtype)
+        self.device = jax.devices()[0]
+        self.fp32 = components  # the training step's master weights
+        half = components.astype(self.dtype)  # new modules (and arrays unless float32): set apart per column
+        for module in (half.unet, half.vae, half.text_encoder):
+            set_attention_implementation(module, attention)
+            nnx.update(module, jax.device_put(nnx.state(module), self.device))
+        self.pipe = StableDiffusion(half)
+        self.pipe.progress, self.pipe.devices = False, [self.device]  # one device, as diffusers uses
+        self.flops: dict[str, float] = {}
+
+    def _compiled(self, name: str, fn, *args):
+        """``jax.jit(fn)`` compiled for ``args``, its FLOPs recorded under ``name``."""
+        import jax
+
+        compiled = jax.jit(fn).lower(*args).compile()
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        self.flops[name] = float((analysis or {}).get("flops", float("nan")))
+        return compiled
+
+    def unet(self, batch: int):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        unet = self.pipe.unet
+        h = self.args.latent
+        key = jax.random.PRNGKey(1)
+        x = jax.random.normal(key, (batch, h, h, unet.config.in_channels), self.dtype)
+        t = jnp.full((batch,), 500, jnp.int32)
+        context = jax.random.normal(key, (batch, 77, unet.config.cross_attention_dim), self.dtype)
+        graphdef, state = nnx.split(unet)
+        f = self._compiled(f"unet_{batch}", lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c), state, x, t, context)
+        return lambda: jax.block_until_ready(f(state, x, t, context))
+
+    def unet_output(self, x, t, context, *, float32: bool = False):
+        """The UNet on NumPy inputs (NHWC) → float32 NumPy, for the checks: at the benchmark dtype, or
+        the float32 master weights (``float32=True``)."""
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        unet, dtype = (self.fp32.unet, jnp.float32) if float32 else (self.pipe.unet, self.dtype)
+        graphdef, state = nnx.split(unet)
+        forward = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c).astype(jnp.float32))
+        state = jax.device_put(state, self.device)
+        return np.asarray(forward(state, jnp.asarray(x, dtype), jnp.asarray(t), jnp.asarray(context, dtype)))
+
+    def txt2img(self, batch: int):
+        kwargs = dict(num_inference_steps=self.args.steps, guidance_scale=GUIDANCE, scheduler="ddim", output_type="np")
+        return lambda: self.pipe([PROMPT] * batch, **kwargs)
+
+    def vae_decode(self):
+        import jax
+        from flax import nnx
+
+        vae = self.pipe.vae
+        z = jax.random.normal(jax.random.PRNGKey(2), (1, self.args.latent, self.args.latent, 4), self.dtype)
+        graphdef, state = nnx.split(vae)
+        f = self._compiled("vae", lambda s, z: nnx.merge(graphdef, s).decode(z), state, z)
+        return lambda: jax.block_until_ready(f(state, z))
+
+    def train_step(self):
+        """sdjax.train's jitted step on the float32 UNet, the loss computed in the benchmark's dtype."""
+        import jax
+        import jax.numpy as jnp
+        import optax
+        from flax import nnx
+
+        from sdjax.schedulers import q_sample
+        from sdjax.train import create_train_state, make_train_step
+
+        dtype, schedule = self.dtype, self.pipe.schedule
+
+        def loss_fn(model, batch, key):
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params), rest)
+            key_t, key_eps = jax.random.split(key)
+            x0 = batch["latents"]
+            t = jax.random.randint(key_t, (len(x0),), 0, schedule.num_train_timesteps)
+            eps = jax.random.normal(key_eps, x0.shape, jnp.float32)
+            x_t = q_sample(schedule, x0, t, eps).astype(dtype)
+            prediction = model(x_t, t, batch["context"].astype(dtype)).astype(jnp.float32)
+            return jnp.mean((prediction - eps) ** 2), {}
+
+        with jax.default_device(self.device):
+            unet = self.fp32.unet
+            optimizer = optax.adamw(1e-5, weight_decay=1e-2)
+            graphdef, state, frozen = create_train_state(unet, optimizer, 0, None)
+            state, frozen = jax.device_put((state, frozen), self.device)
+            n, h = self.args.train_batch, self.args.train_latent
+            key = jax.random.PRNGKey(3)
+            batch = {
+                "latents": jax.random.normal(key, (n, h, h, 4)),
+                "context": jax.random.normal(key, (n, 77, unet.config.cross_attention_dim)),
+            }
+        step = make_train_step(graphdef, loss_fn, optimizer, None).lower(state, batch, frozen).compile()
+        analysis = step.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        self.flops["train"] = float((analysis or {}).get("flops", float("nan")))
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], batch, frozen)
+            jax.block_until_ready(metrics["loss"])
+
+        return run
+
+
+class Diffusers:
+    """diffusers' StableDiffusionPipeline on the same weights, eager or under ``torch.compile``."""
+
+    def __init__(self, components, args, compile_mode: str | None, shared: Diffusers | None = None):
+        import torch
+
+        self.name = "diffusers" if compile_mode is None else f"diffusers (torch.compile {compile_mode})"
+        self.args, self.compile_mode = args, compile_mode
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = getattr(torch, args.dtype)
+        self.fp32 = components
+        self.pipe = shared.pipe if shared is not None else to_diffusers(components, self.device, self.dtype)
+        self.unet_module = self.pipe.unet if compile_mode is None else torch.compile(self.pipe.unet, mode=compile_mode)
+        self.flops: dict[str, float] = {}
+
+    def sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def unet(self, batch: int):
+        import torch
+
+        cfg = self.pipe.unet.config
+        gen = torch.Generator().manual_seed(1)
+        h = self.args.latent
+        x = torch.randn(batch, cfg.in_channels, h, h, generator=gen).to(self.device, self.dtype)
+        t = torch.full((batch,), 500, device=self.device)
+        context = torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen).to(self.device, self.dtype)
+
+        @torch.inference_mode()
+        def run():
+            self.unet_module(x, t, encoder_hidden_states=context)
+            self.sync()
+
+        return run
+
+    def unet_output(self, x, t, context):
+        import numpy as np
+        import torch
+
+        with torch.inference_mode():
+            out = self.pipe.unet(
+                torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device, self.dtype),
+                torch.from_numpy(t).to(self.device),
+                encoder_hidden_states=torch.from_numpy(context).to(self.device, self.dtype),
+            ).sample
+        return out.float().cpu().numpy().transpose(0, 2, 3, 1)
+
+    def txt2img(self, batch: int):
+        import torch
+
+        def run():
+            original, self.pipe.unet = self.pipe.unet, self.unet_module
+            try:
+                self.pipe(
+                    [PROMPT] * batch,
+                    num_inference_steps=self.args.steps,
+                    guidance_scale=GUIDANCE,
+                    output_type="np",
+                    generator=torch.Generator(self.device).manual_seed(0),
+                )
+            finally:
+                self.pipe.unet = original
+            self.sync()
+
+        return run
+
+    def vae_decode(self):
+        import torch
+
+        gen = torch.Generator().manual_seed(2)
+        z = torch.randn(1, 4, self.args.latent, self.args.latent, generator=gen).to(self.device, self.dtype)
+
+        @torch.inference_mode()
+        def run():
+            self.pipe.vae.decode(z)
+            self.sync()
+
+        return run
+
+    def train_step(self):
+        """A float32 copy of the UNet, AdamW, the forward and backward under autocast to the dtype."""
+        import diffusers
+        import torch
+        import torch.nn.functional as F
+
+        unet = diffusers.UNet2DConditionModel.from_config(self.pipe.unet.config)
+        unet.load_state_dict(torch_state(self.fp32.unet))
+        unet = unet.to(self.device).train()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
+        alphas_cumprod = self.pipe.scheduler.alphas_cumprod.to(self.device)
+        n, h = self.args.train_batch, self.args.train_latent
+        gen = torch.Generator().manual_seed(3)
+        x0 = torch.randn(n, 4, h, h, generator=gen).to(self.device)
+        context = torch.randn(n, 77, self.pipe.unet.config.cross_attention_dim, generator=gen).to(self.device)
+        autocast = self.dtype != torch.float32
+
+        def run():
+            t = torch.randint(0, len(alphas_cumprod), (n,), device=self.device)
+            eps = torch.randn_like(x0)
+            a = alphas_cumprod[t].view(n, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+                prediction = unet(x_t, t, encoder_hidden_states=context).sample
+            loss = F.mse_loss(prediction.float(), eps)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.sync()
+
+        return run
+
+
+def free_torch_memory() -> None:
+    """Hand torch's cached GPU blocks back, so new processes find the memory free."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def torch_state(module) -> dict:
+    """An sdjax module's parameters as a torch state dict (:func:`sdjax.convert.state_dict`)."""
+    import numpy as np
+    import torch
+
+    from sdjax import convert
+
+    return {name: torch.from_numpy(np.array(array)) for name, array in convert.state_dict(module).items()}
+
+
+def to_diffusers(components, device, dtype):
+    """The same networks as diffusers/transformers modules, in a StableDiffusionPipeline with DDIM."""
+    import diffusers
+    import transformers
+
+    unet = diffusers.UNet2DConditionModel.from_config(components.unet.config.to_diffusers())
+    unet.load_state_dict(torch_state(components.unet))
+    vae = diffusers.AutoencoderKL.from_config(components.vae.config.to_diffusers() | {"force_upcast": False})
+    vae.load_state_dict(torch_state(components.vae))
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(**dataclasses.asdict(components.text_encoder.config))
+    )
+    prefix = "text_model." if any(k.startswith("text_model.") for k in text.state_dict()) else ""  # transformers < 5
+    weights = {prefix + k: v for k, v in torch_state(components.text_encoder).items()}
+    missing, unexpected = text.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(f"text encoder conversion: missing {missing}, unexpected {unexpected}")
+    with tempfile.TemporaryDirectory() as folder:
+        components.tokenizer.save_folder(folder)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=diffusers.DDIMScheduler.from_config(components.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# Machine facts: device, versions, the matmul ceiling
+# ---------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import diffusers
+    import flax
+    import jax
+    import jaxlib
+    import torch
+    import transformers
+
+    device = jax.devices()[0]
+    facts = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "jax device": f"{device.device_kind} ({device.platform}, {jax.device_count()} device(s))",
+        "torch device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "jax / jaxlib / flax": f"{jax.__version__} / {jaxlib.__version__} / {flax.__version__}",
+        "torch / diffusers / transformers": " / ".join(m.__version__ for m in (torch, diffusers, transformers)),
+    }
+    if torch.cuda.is_available():
+        facts["CUDA / cuDNN (torch)"] = f"{torch.version.cuda} / {torch.backends.cudnn.version()}"
+    settings = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "XLA_FLAGS") if os.environ.get(k)]
+    facts["environment"] = ", ".join(settings) or "no OMP_NUM_THREADS or XLA_FLAGS set"
+    return facts
+
+
+def matmul_ceiling(dtype: str, on_gpu: bool) -> dict[str, float]:
+    """FLOP/s of an n×n by n×n product in ``dtype`` (n = 8192 on a GPU, 1024 on a CPU), jax and torch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 8192 if on_gpu else 1024
+    flops = 2 * n**3
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda a: a @ a)
+    jax_t = time_calls(lambda: jax.block_until_ready(f(a)), 10)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+
+    def torch_mm():
+        b @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    torch_t = time_calls(torch_mm, 10)
+    return {"jax": flops / min(jax_t.reps), "torch": flops / min(torch_t.reps)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# New processes: time to first image (compilation cache cold and warm) and peak memory
+# ---------------------------------------------------------------------------------------------------
+
+
+def child(args) -> None:
+    """``--child SIDE``: build the model, make one image (batch 1) at --height × --width, print a JSON line:
+    seconds to that first image (after the model is built), seconds since the process started, and
+    the side's peak device memory (None on a CPU)."""
+    import jax
+
+    if args.child == "sdjax" and args.cache_dir:
+        from sdjax.speed import enable_compilation_cache
+
+        enable_compilation_cache(args.cache_dir)
+    components = build_components(args)
+    side = Sdjax(components, args, "auto") if args.child == "sdjax" else Diffusers(components, args, None)
+    del components
+    gc.collect()
+    if args.child == "sdjax":
+        kwargs = dict(num_inference_steps=args.steps, guidance_scale=GUIDANCE, scheduler="ddim", output_type="np")
+        run = lambda: side.pipe([PROMPT], height=args.height, width=args.width, **kwargs)  # noqa: E731
+    else:
+        import torch
+
+        def run():
+            side.pipe([PROMPT], height=args.height, width=args.width, num_inference_steps=args.steps,
+                      guidance_scale=GUIDANCE, output_type="np")  # fmt: skip
+            side.sync()
+
+    t = time.perf_counter()
+    run()
+    first = time.perf_counter() - t
+    if args.child == "sdjax":
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+    else:
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    result = {"first_image_s": first, "process_s": time.perf_counter() - START, "peak_bytes": peak}
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(args, side: str, height: int, width: int, cache_dir: str | None) -> dict:
+    """One :func:`child` in a new Python process; {"error": …} when it fails (e.g. out of memory)."""
+    command = [sys.executable, __file__, "--child", side, "--size", args.size, "--dtype", args.dtype,
+               "--steps", str(args.steps), "--height", str(height), "--width", str(width)]  # fmt: skip
+    if cache_dir:
+        command += ["--cache-dir", cache_dir]
+    done = subprocess.run(command, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT "))
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {done.returncode}: {tail[:200]}"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------
+
+
+def cell(timing: Timing | None, per: int | None = None, unit: str = "ms") -> str:
+    """'median (min–max, n reps)': in ms, or in images/s when ``per`` images are made per call."""
+    if timing is None:
+        return "–"
+    if per is None:
+        scale = 1000.0 if unit == "ms" else 1.0
+        values = [t * scale for t in timing.reps]
+        return f"{statistics.median(values):.4g} ({min(values):.4g}–{max(values):.4g}, {len(values)})"
+    rates = [per / t for t in timing.reps]
+    return f"{statistics.median(rates):.4g} ({min(rates):.4g}–{max(rates):.4g}, {len(rates)})"
+
+
+def gib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+@dataclasses.dataclass
+class InProcess:
+    """What :func:`in_process` measured: each column's {measure: Timing}, FLOPs per call, and the checks."""
+
+    results: dict[str, dict[str, Timing]]
+    flops: dict[str, float]
+    parity: float
+    low_precision: float | None
+    recompiles: int | None
+
+
+def report(args, facts, ceiling, measured: InProcess | None, children: list) -> str:
+    """The markdown report of what was run (the in-process measures, the new processes, or both)."""
+    steps = args.steps
+    rows = [
+        ("UNet forward, batch 2 (one CFG pair), ms", "unet_2", None),
+        ("UNet forward, batch 16, ms", "unet_16", None),
+        (f"txt2img {steps} steps + CFG, batch 1, ms per image", "txt2img_1", None),
+        (f"txt2img {steps} steps + CFG, batch 8, images/s", "txt2img_8", 8),
+        ("VAE decode, 1 image, ms", "vae", None),
+        (f"training step (AdamW, batch {args.train_batch}, {args.train_latent}² latents), images/s", "train",
+         args.train_batch),
+    ]  # fmt: skip
+    lines = [
+        f"# sdjax vs diffusers: `{args.size}`, {args.dtype}, {facts['jax device']}",
+        "",
+        f"`{args.command}`",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in facts.items()],
+        f"| model | `{args.size}` random weights (sdjax.speed.random_components), the same on both sides |",
+        f"| images | {args.image}², latents {args.latent}², DDIM, guidance {GUIDANCE} |",
+    ]
+    best = max(ceiling.values())
+    if measured is not None:
+        results, flops = measured.results, measured.flops
+        names = list(results)
+        lines += [
+            "",
+            "Each cell: median (min–max, reps). The first call of each measure is not in the median (compile,",
+            "autotune); it is the 'first call' row for txt2img.",
+            "",
+            "| measure | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for label, key, per in rows:
+            lines.append(f"| {label} | " + " | ".join(cell(results[n].get(key), per) for n in names) + " |")
+        first = [results[n].get("txt2img_1") for n in names]
+        lines.append("| first txt2img call in this process (compile included), s | " + " | ".join(
+            "–" if t is None else f"{t.first:.3g}" for t in first) + " |")  # fmt: skip
+        lines += [
+            "",
+            f"FLOPs: XLA cost analysis of sdjax's compiled functions (the same networks on both sides); txt2img "
+            f"composed as {steps} · F_UNet(2N) + F_VAE(N) (the text encoder's share, under 0.1 % for SD1.5, left "
+            f"out). Ceiling: an n×n matmul in {args.dtype}, "
+            f"jax {ceiling['jax'] / 1e12:.4g} TFLOP/s, torch {ceiling['torch'] / 1e12:.4g} TFLOP/s; "
+            "utilisation = FLOPs / median time / the better of the two.",
+            "",
+            "| measure | GFLOP per call | " + " | ".join(f"{n} TFLOP/s (% of ceiling)" for n in names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for label, key, _ in rows:
+            cells = []
+            for n in names:
+                t = results[n].get(key)
+                rate = flops[key] / t.median if t else None
+                cells.append("–" if rate is None else f"{rate / 1e12:.3g} ({100 * rate / best:.1f} %)")
+            lines.append(f"| {label.rsplit(',', 1)[0]} | {flops[key] / 1e9:.4g} | " + " | ".join(cells) + " |")
+        low = measured.low_precision
+        lines += [
+            "",
+            f"Same weights: the UNet's output on one input, sdjax vs diffusers at {args.dtype}: max |Δ| / max |ref| "
+            f"= {measured.parity:.2e}." + ("" if low is None else f" sdjax at {args.dtype} vs float32: {low:.2e}."),
+            f"Compilations during a second txt2img call with the same shapes (sdjax): {measured.recompiles}.",
+        ]
+    if children:
+        lines += ["", "New processes, one image at batch 1 (the model built first, not timed):", ""]
+        lines += ["| process | size | time to first image, s | whole process, s | peak device memory |"]
+        lines += ["|---|---|---|---|---|"]
+        for label, size, out in children:
+            if "error" in out:
+                lines.append(f"| {label} | {size} | failed: {out['error']} | | |")
+            else:
+                first, whole = out["first_image_s"], out["process_s"]
+                lines.append(f"| {label} | {size} | {first:.3g} | {whole:.3g} | {gib(out['peak_bytes'])} |")
+    lines += ["", *targets(args, measured, best, children)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(args, measured: InProcess | None, best: float, children: list) -> list[str]:
+    """The issue's targets, met or not (SD1.5 on a GPU only; "not run" for the part this run left out)."""
+    if args.size != "sd15" or not args.on_gpu:
+        return ["Targets: the issue's targets are for SD1.5 at 512² on a GPU; not evaluated for this run."]
+    base = f"{args.image}²"
+    process = {(label, size): out for label, size, out in children}
+
+    def of_process(label: str, size: str, key: str):
+        return process.get((label, size), {}).get(key)
+
+    rows = []
+    if measured is not None:
+        ours, flops = measured.results["sdjax"], measured.flops
+        t1, r8 = ours["txt2img_1"].median * 1000, 8 / ours["txt2img_8"].median
+        util, vae = flops["unet_16"] / ours["unet_16"].median / best, ours["vae"].median * 1000
+        train = 1 / ours["train"].median
+        theirs = max(1 / r["train"].median for n, r in measured.results.items() if n != "sdjax" and "train" in r)
+        rows += [
+            (f"txt2img batch 1 ≤ {TARGETS['txt2img_1']:.0f} ms", f"{t1:.0f} ms", t1 <= TARGETS["txt2img_1"]),
+            (f"txt2img batch 8 ≥ {TARGETS['txt2img_8']:.0f} images/s", f"{r8:.2f}", r8 >= TARGETS["txt2img_8"]),
+            ("UNet batch 16 ≥ 60 % of the matmul ceiling", f"{100 * util:.1f} %", util >= TARGETS["unet_16_util"]),
+            (f"VAE decode ≤ {TARGETS['vae']:.0f} ms", f"{vae:.1f} ms", vae <= TARGETS["vae"]),
+            ("training step faster than diffusers'", f"{train:.3g} vs {theirs:.3g} steps/s", train > theirs),
+        ]
+    if children:
+        cold = of_process("sdjax, empty cache", base, "first_image_s")
+        warm = of_process("sdjax, warm cache", base, "first_image_s")
+        ours_peak = of_process("sdjax, warm cache", base, "peak_bytes")
+        their_peak = of_process("diffusers", base, "peak_bytes")
+        large = [(size, out) for label, size, out in children if label == "sdjax" and size != base]
+        rows += [
+            ("cold compile ≤ 30 s", "failed" if cold is None else f"{cold:.1f} s",
+             None if cold is None else cold <= TARGETS["cold"]),
+            ("warm cache ≤ 5 s to first image", "failed" if warm is None else f"{warm:.1f} s",
+             None if warm is None else warm <= TARGETS["warm"]),
+            ("peak memory ≤ diffusers' at 512² batch 1", f"{gib(ours_peak)} vs {gib(their_peak)}",
+             None if None in (ours_peak, their_peak) else ours_peak <= their_peak),
+            ("512×1024 and 1024² run on one GPU", ", ".join(
+                f"{size} {'failed' if 'error' in out else gib(out['peak_bytes'])}" for size, out in large),
+             all("error" not in out for _, out in large) if large else None),
+        ]  # fmt: skip
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+    return ["| target | sdjax | verdict |", "|---|---|---|", *[f"| {a} | {b} | {verdict(c)} |" for a, b, c in rows]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps of txt2img")
+    parser.add_argument("--reps", type=int, help="timed calls per measure (default 10 on a GPU, 3 on a CPU)")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--attention", default="auto", help="sdjax columns, comma-separated: auto, xla, cudnn")
+    parser.add_argument(
+        "--torch-compile", default=None,
+        help="diffusers columns besides eager, comma-separated torch.compile modes (default, reduce-overhead); "
+             "default: 'default' on a GPU, none on a CPU",
+    )  # fmt: skip
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--no-processes", action="store_true", help="skip the new-process measures")
+    parts.add_argument("--processes-only", action="store_true", help="only the new-process measures")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    # a new process of :func:`child`
+    parser.add_argument("--child", choices=("sdjax", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--height", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    args.on_gpu = jax.devices()[0].platform == "gpu"
+    args.dtype = args.dtype or ("bfloat16" if args.on_gpu else "float32")
+    args.reps = args.reps or (10 if args.on_gpu else 3)
+    if args.torch_compile is None:
+        args.torch_compile = "default" if args.on_gpu else ""
+    args.image = SIZES[args.size]["image"]
+    args.latent = args.image // 8
+    args.train_latent = SIZES[args.size]["train_latent"]
+    args.command = "python benchmarks/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def in_process(args) -> InProcess:
+    """Every column's measures in this process, and the same-weights and bf16 checks."""
+    import numpy as np
+
+    from sdjax.speed import CompileCounter
+
+    components = build_components(args)
+    sdjax_sides = [Sdjax(components, args, a) for a in args.attention.split(",")]
+    eager = Diffusers(components, args, None)
+    modes = [m for m in args.torch_compile.split(",") if m]
+    sides = [*sdjax_sides, eager, *[Diffusers(components, args, m, shared=eager) for m in modes]]
+    ours = sdjax_sides[0]
+
+    # the same weights on both sides: one UNet output compared (and sdjax's own float32 at a lower dtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, args.latent, args.latent, 4)).astype(np.float32)
+    context = rng.standard_normal((1, 77, components.unet.config.cross_attention_dim)).astype(np.float32)
+    t = np.array([500])
+    ref, out = eager.unet_output(x, t, context), ours.unet_output(x, t, context)
+    parity = float(np.abs(out - ref).max() / np.abs(ref).max())
+    low_precision = None
+    if args.dtype != "float32":
+        full = ours.unet_output(x, t, context, float32=True)
+        low_precision = float(np.abs(out - full).max() / np.abs(full).max())
+
+    results: dict[str, dict[str, Timing]] = {s.name: {} for s in sides}
+    recompiles = None
+    measures = [
+        ("txt2img_1", lambda s: s.txt2img(1)),  # first: its first call is this process's cold start
+        ("unet_2", lambda s: s.unet(2)),
+        ("unet_16", lambda s: s.unet(16)),
+        ("txt2img_8", lambda s: s.txt2img(8)),
+        ("vae", lambda s: s.vae_decode()),
+        ("train", lambda s: s.train_step()),
+    ]
+    for key, make in measures:
+        for side in sides:
+            if key == "train" and getattr(side, "compile_mode", None):
+                continue  # training is compared with diffusers' eager step (autocast), as the issue asks
+            print(f"{time.perf_counter() - START:7.1f} s  {key}: {side.name}", file=sys.stderr, flush=True)
+            fn = make(side)
+            results[side.name][key] = time_calls(fn, args.reps)
+            if key == "txt2img_1" and side is ours:
+                with CompileCounter() as compiles:
+                    fn()
+                recompiles = compiles.count
+            del fn
+            gc.collect()
+
+    flops = {k: ours.flops[k] for k in ("unet_2", "unet_16", "vae", "train")}
+    for n in (1, 8):
+        flops[f"txt2img_{n}"] = args.steps * ours.flops["unet_2"] / 2 * 2 * n + ours.flops["vae"] * n
+    return InProcess(results, flops, parity, low_precision, recompiles)
+
+
+def new_processes(args) -> list[tuple[str, str, dict]]:
+    """(label, size, child's result) for: sdjax with an empty then a warm compilation cache, diffusers, and
+    on a GPU both sides at the larger sizes."""
+    cache = tempfile.mkdtemp(prefix="sdjax-bench-cache-")
+    base, size = (args.image, args.image), f"{args.image}²"
+    children = [
+        ("sdjax, empty cache", size, run_child(args, "sdjax", *base, cache)),
+        ("sdjax, warm cache", size, run_child(args, "sdjax", *base, cache)),
+        ("diffusers", size, run_child(args, "diffusers", *base, None)),
+    ]
+    if args.on_gpu:
+        for h, w in SIZES[args.size]["memory"][1:]:
+            for side in ("sdjax", "diffusers"):
+                children.append((side, f"{h}×{w}", run_child(args, side, h, w, cache if side == "sdjax" else None)))
+    return children
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return ""
+    facts = machine()
+    ceiling = matmul_ceiling(args.dtype, args.on_gpu)
+    measured = None if args.processes_only else in_process(args)
+    gc.collect()
+    free_torch_memory()
+    children = [] if args.no_processes else new_processes(args)
+    text = report(args, facts, ceiling, measured, children)
+    Path(args.out).write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
