@@ -7,6 +7,10 @@
     sdjax txt2img --prompt "a small green star on a black background"     # the bundled tiny model
     sdjax txt2img --ckpt MODEL --prompt "a red bicycle" [--n_samples 4 --n_iter 2 --plms ...]
     sdjax img2img --ckpt MODEL --init-img sketch.png --prompt "a red bicycle" [--strength 0.75 ...]
+    sdjax train-lora --images DIR --prompt "a sks shape" [--rank 4 --steps 300 --format kohya] --out lora.safetensors
+    sdjax train-ti --images DIR --token "<sks>" --init-word ring --out learned_embeds.safetensors
+    sdjax train-dreambooth --images DIR --prompt "a sks shape" --class-prompt "a shape" --out runs/dreambooth
+    sdjax txt2img --lora lora.safetensors:0.8 --embedding learned_embeds.safetensors --prompt "a <sks> ..."
 
 ``train-ae`` trains the autoencoder of notebook 01 (``--model ae``) or the VAE of notebook 02
 (``--model vae``) offline on ``shapes``/``digits`` or on a Hugging Face dataset when online. Run it
@@ -14,6 +18,12 @@ again with the same ``--out`` to resume from the checkpoint there.
 
 ``train-ddpm`` repeats the recipe of a model shipped in ``sdjax.pretrained`` (notebook 03's pixel
 DDPM) and writes its weights in the shipped format, plus a grid of samples.
+
+``train-lora``, ``train-ti`` and ``train-dreambooth`` fine-tune a model (default: the bundled one) on a
+folder of images (``sdjax.finetune``: random crops and flips, one instance prompt or a ``NAME.txt`` caption
+beside each image) and write the LoRA file, the embedding or the whole model; ``txt2img``/``img2img``
+then take them with ``--lora PATH[:SCALE]`` and ``--embedding PATH``. Without ``--class-prompt``,
+``train-dreambooth`` is a plain fine-tune of the UNet on the images and their captions.
 
 ``convert`` reads Stable Diffusion weights from a diffusers folder, a CompVis single file or an
 sdjax folder, and writes them in any of the three layouts (see ``sdjax.convert``).
@@ -266,10 +276,19 @@ def _checked_settings(args: argparse.Namespace) -> tuple[list[str], str]:
 def _load_pipeline(args: argparse.Namespace):
     import time
 
-    from sdjax import StableDiffusion
+    import jax
 
+    from sdjax import StableDiffusion
+    from sdjax.nn import set_attention_implementation
+    from sdjax.speed import enable_compilation_cache
+
+    if jax.config.jax_compilation_cache_dir is None:  # (JAX_COMPILATION_CACHE_DIR, if set, is kept)
+        enable_compilation_cache()  # a second run of the same shapes loads its compiled programs from disk
     start = time.perf_counter()
     pipe = StableDiffusion.from_pretrained(args.ckpt, dtype=PRECISIONS[args.precision])
+    if args.attention != "auto":
+        set_attention_implementation(pipe.unet, args.attention)
+        set_attention_implementation(pipe.vae, args.attention)
     print(
         f"loaded {args.ckpt} ({pipe.components.version.upper()}, {PRECISIONS[args.precision]}) "
         f"in {time.perf_counter() - start:.1f} s"
@@ -381,6 +400,7 @@ def _run_metadata(args: argparse.Namespace, sampler: str, width: int, height: in
 def txt2img(args: argparse.Namespace) -> int:
     prompts, sampler = _checked_settings(args)
     pipe = _load_pipeline(args)
+    _add_finetuned(args, pipe)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = args.H or native, args.W or native
 
@@ -400,6 +420,106 @@ def txt2img(args: argparse.Namespace) -> int:
         )
 
     return _generate(args, prompts, draw, _run_metadata(args, sampler, width, height))
+
+
+def _add_finetuned(args: argparse.Namespace, pipe) -> None:
+    """--embedding and --lora: what fine-tuning made, added to the loaded model."""
+    for path in args.embedding or []:
+        print(f"textual inversion {path}: added {', '.join(pipe.load_textual_inversion(path))}")
+    if args.lora:
+        path, _, scale = args.lora.rpartition(":") if re.fullmatch(r".+:[0-9.]+", args.lora) else (args.lora, "", "1")
+        report = pipe.load_lora(path, scale=float(scale))
+        print(f"LoRA {path} ({report['format']} layout) at strength {float(scale):g}")
+
+
+def _finetune(args: argparse.Namespace, method: str) -> int:
+    """train-lora, train-ti, train-dreambooth: fine-tune a model on a folder of images (sdjax.finetune)."""
+    import time
+
+    import numpy as np
+
+    from sdjax import finetune
+
+    images, captions = finetune.load_image_folder(args.images)
+    prompt = args.prompt or captions
+    if method == "textual_inversion":
+        prompt = args.prompt or f"a {args.token}"
+    if prompt is None:
+        raise ValueError(
+            f"no --prompt and no captions in {args.images} (NAME.txt beside each NAME.png): give an instance prompt "
+            "with a rare token, e.g. --prompt 'a sks dog'"
+        )
+    if method == "dreambooth" and not args.class_prompt:
+        method = "full"  # no prior to preserve: a plain fine-tune on the images and their prompts
+    config = finetune.FinetuneConfig(
+        method=method,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        views_per_image=args.views_per_image,
+        crop_scale=(1.0, 1.0) if args.no_crops else (args.min_crop, 1.0),
+        flip=not args.no_flip,
+        dtype="bfloat16" if args.bf16 else "float32",
+        remat=args.remat,
+        seed=args.seed,
+        **_method_options(args, method),
+    )
+    if args.ckpt is None:
+        from sdjax.tiny_sd import BUNDLE
+
+        args.ckpt = str(BUNDLE)
+        print(f"no --ckpt: fine-tuning the bundled tiny model ({BUNDLE})")
+    from sdjax import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(args.ckpt)
+    pipe.progress = False
+    what = f"'{prompt}'" if isinstance(prompt, str) else "their captions"
+    print(f"{len(images)} images × {config.views_per_image} views, {what}; {method}, {config.steps} steps")
+    start = time.perf_counter()
+    result = finetune.run(
+        pipe,
+        images,
+        prompt,
+        config,
+        class_prompt=getattr(args, "class_prompt", None),
+        num_class_images=getattr(args, "num_class_images", 0) if method == "dreambooth" else 0,
+    )
+    path = finetune.save(pipe, config, args.out, format=args.format)
+    loss = result.history["loss"]
+    print(
+        f"trained in {time.perf_counter() - start:.0f} s (loss {np.mean(loss[:10]):.4f} → {np.mean(loss[-10:]):.4f}); "
+        f"wrote {path}"
+    )
+    return 0
+
+
+def _method_options(args: argparse.Namespace, method: str) -> dict:
+    if method == "lora":
+        return {"rank": args.rank, "alpha": args.alpha, "lora_text_encoder": args.text_encoder}
+    if method == "textual_inversion":
+        return {"token": args.token, "init_word": args.init_word, "num_vectors": args.num_vectors}
+    if method == "dreambooth":
+        return {"prior_loss_weight": args.prior_loss_weight}
+    return {}
+
+
+def _finetune_arguments(p: argparse.ArgumentParser, out: str, steps: int, formats: list[str]) -> None:
+    """The flags train-lora, train-ti and train-dreambooth share."""
+    p.add_argument("--images", required=True, metavar="DIR", help="a folder of training images (NAME.txt: captions)")
+    p.add_argument("--prompt", help="the instance prompt for every image, with a rare token (e.g. 'a sks dog')")
+    p.add_argument("--ckpt", metavar="PATH", help="the model to fine-tune (default: the bundled tiny model)")
+    p.add_argument("--out", default=out, help="where the result goes (%(default)s)")
+    p.add_argument("--format", choices=formats, default=None, help=f"file layout (default: {formats[0]})")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    p.add_argument("--views-per-image", type=int, default=32, help="augmented views of each image (%(default)s)")
+    p.add_argument("--min-crop", type=float, default=0.5, help="smallest crop side, share of the image (%(default)s)")
+    p.add_argument("--no-crops", action="store_true", help="train on whole images only (no random crops)")
+    p.add_argument("--no-flip", action="store_true", help="no left-right flips (text, asymmetric subjects)")
+    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (float32 master weights)")
+    p.add_argument("--remat", action="store_true", help="recompute UNet activations in the backward pass: less memory")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _read_init_image(path: str | None):
@@ -438,6 +558,7 @@ def img2img(args: argparse.Namespace) -> int:
     prompts, sampler = _checked_settings(args)
     image = _read_init_image(args.init_img)
     pipe = _load_pipeline(args)
+    _add_finetuned(args, pipe)
     image = _fit(image, pipe.size_multiple)
 
     def draw(prompt: str, seed: int) -> list:
@@ -493,6 +614,14 @@ def _generation_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
         default="autocast",
         help="full: float32; autocast: bfloat16 (%(default)s)",
     )
+    p.add_argument(
+        "--attention",
+        choices=["auto", "xla", "cudnn"],
+        default="auto",
+        help="attention kernel: cuDNN's fused one on a GPU in bf16/fp16 (auto), or XLA's everywhere (%(default)s)",
+    )
+    p.add_argument("--lora", metavar="PATH[:SCALE]", help="a LoRA file (diffusers or kohya) at strength SCALE (1)")
+    p.add_argument("--embedding", metavar="PATH", action="append", help="a textual-inversion embedding (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,7 +693,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=img2img)
 
+    p = sub.add_parser("train-lora", help="teach a model a subject or style from a few images with LoRA (notebook 07)")
+    _finetune_arguments(p, "lora.safetensors", 300, ["diffusers", "kohya"])
+    p.add_argument("--rank", type=int, default=4, help="r, the rank of the update (%(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="α; the update is scaled by α/r (default: α = r)")
+    p.add_argument("--text-encoder", action="store_true", help="also adapt the text encoder's attention")
+    p.set_defaults(func=functools.partial(_finetune, method="lora"))
+
+    p = sub.add_parser("train-ti", help="learn a new token's embedding from a few images (textual inversion)")
+    _finetune_arguments(p, "learned_embeds.safetensors", 300, ["diffusers", "a1111"])
+    p.add_argument("--token", required=True, help="the new token, a string not in the vocabulary (e.g. '<my-cat>')")
+    p.add_argument("--init-word", required=True, help="an existing one-token word to start from (e.g. 'cat')")
+    p.add_argument("--num-vectors", type=int, default=1, help="embedding vectors behind the token (%(default)s)")
+    p.set_defaults(func=functools.partial(_finetune, method="textual_inversion"))
+
+    p = sub.add_parser(
+        "train-dreambooth",
+        help="fine-tune the whole UNet on a few images, with prior preservation (DreamBooth), or on a captioned folder",
+    )
+    _finetune_arguments(p, "runs/dreambooth", 300, ["sdjax", "diffusers", "compvis"])
+    p.add_argument("--class-prompt", help="the class without the token, e.g. 'a dog' (turns prior preservation on)")
+    p.add_argument("--num-class-images", type=int, default=50, help="images drawn for the prior (%(default)s)")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0, help="λ (%(default)s)")
+    p.set_defaults(func=functools.partial(_finetune, method="dreambooth"))
+
     args = parser.parse_args(argv)
+    if isinstance(args.func, functools.partial):
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
+            return 2
     if args.func not in (txt2img, img2img):
         return args.func(args)
     try:

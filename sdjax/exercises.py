@@ -426,6 +426,42 @@ def check_latents_to_image(fn: Callable) -> bool:
     return _check("latents_to_image", fn, reference, (decode, z, 0.18215), mistakes)
 
 
+def check_lora_forward(fn: Callable) -> bool:
+    """Exercise: a LoRA layer's forward pass, ``fn(x, W, b, A, B, alpha, scale)`` → y:
+
+        y = x W + b + s · (α / r) · (x A) B,    r = A.shape[1] (the rank),
+
+    x (N, d_in), W (d_in, d_out) and b (d_out,) the frozen layer, A (d_in, r) and B (r, d_out) the adapter,
+    α its alpha and s the strength. Checked against :class:`sdjax.lora.LoRALinear` itself.
+    """
+    from flax import nnx
+
+    from sdjax import lora
+
+    x, w, b, a, bb = _inputs(10, (3, 6), (6, 5), (5,), (6, 2), (2, 5))
+    alpha, scale = 4.0, 0.7
+
+    def reference(x, w, b, a, bb, alpha, scale):
+        base = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+        base.kernel.set_value(w)
+        base.bias.set_value(b)
+        layer = lora.LoRALinear(base, rank=2, alpha=alpha, scale=scale, rngs=None)
+        layer.lora_A.set_value(a)
+        layer.lora_B.set_value(bb)
+        return layer(x)
+
+    r = 2
+    mistakes = [
+        (lambda x, w, b, a, bb, al, s: x @ w + b + s * (x @ a) @ bb, "scale the update by α / r as well as by s: "
+         "with α = r it is 1, here α = 4 and r = 2."),
+        (lambda x, w, b, a, bb, al, s: x @ w + b + s * al * (x @ a) @ bb, "divide α by the rank r = A.shape[1]: "
+         "the update is s · (α / r) · x A B."),
+        (lambda x, w, b, a, bb, al, s: s * al / r * (x @ a) @ bb, "LoRA adds to the frozen layer: keep x W + b."),
+        (lambda x, w, b, a, bb, al, s: x @ (w + s * al / r * a @ bb), "the bias b of the frozen layer is missing."),
+    ]  # fmt: skip
+    return _check("lora_forward", fn, reference, (x, w, b, a, bb, alpha, scale), mistakes)
+
+
 # --- stripping solutions ------------------------------------------------------------------------------
 
 _SOLUTION = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION.*?^[ \t]*# END SOLUTION[^\n]*\n?", re.M | re.S)

@@ -16,8 +16,8 @@ inpainting, as diffusers' ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgP
 
 3. Denoise with classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598). At each of the
    sampler's K evaluations the UNet predicts with and without the text, in one batched pass on
-   [x; x] with contexts [c_∅; c], and the two predictions are extrapolated away from the
-   unconditional one:
+   each image's pair (x_i, x_i) with contexts (c_∅,i, c_i), and the two predictions are extrapolated
+   away from the unconditional one:
 
        ε̂ = ε̂(x_t, t, c_∅) + w (ε̂(x_t, t, c) − ε̂(x_t, t, c_∅)),    w = guidance_scale
 
@@ -25,7 +25,8 @@ inpainting, as diffusers' ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgP
    With w ≤ 1 the unconditional pass is skipped, as in diffusers.) The sampler turns ε̂ into the
    next x (:meth:`sdjax.samplers.Sampler.step`). The whole chain is one ``lax.scan`` in one
    ``jax.jit``, compiled once per (batch and latent shape, number of evaluations, sampler, guidance
-   on/off) and reused after that.
+   on/off) and reused after that: no step goes back to the host (``tests/test_speed.py`` counts the
+   compilations of a second call: none).
 
 4. Decode. SD's latents were multiplied by the VAE's ``scaling_factor`` s (0.18215) to have unit
    variance, so x̂ = Decoder(x_0 / s) ∈ [−1, 1], and the image is clip(x̂/2 + 1/2, 0, 1).
@@ -59,6 +60,13 @@ Both start from pure noise at strength 1, and from the noised image (as img2img)
 
 Precision: the networks run in their parameters' dtype (float32 or bfloat16); the sampler's
 arithmetic and the latents stay float32 throughout (model outputs are cast to float32).
+
+Devices: the batch of images is split over all local devices (data parallelism over a 1-D mesh
+"data", :func:`sdjax.data.loader.local_mesh`), the networks' parameters replicated on each: the chain
+and the decoding of N images run N/D per device with no communication, because each image's
+conditional and unconditional passes sit next to each other in the UNet's batch. A batch that D does
+not divide is padded with copies of its last image, and the copies dropped at the end. On one device
+this is the plain computation.
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax import convert
+from sdjax import convert, lora, textual_inversion
+from sdjax.data.loader import local_mesh, replicate, shard_batch
 from sdjax.models.vae import reparameterize
 from sdjax.samplers import KARRAS_SAMPLERS, SAMPLERS, Plan, Sampler
 from sdjax.schedulers import NoiseSchedule
@@ -286,7 +295,9 @@ def classifier_free_guidance(out_uncond: Array, out_cond: Array, guidance_scale)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler", "guided", "progress"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "schedule", "sampler", "guided", "progress"), donate_argnames=("x",)
+)
 def _denoise(
     graphdef,
     state,
@@ -304,8 +315,10 @@ def _denoise(
 ) -> Array:
     """The sampler's K evaluations over latents ``x`` as one ``lax.scan``.
 
-    x: (N, h, w, 4) float32, the starting latents (x_T scaled by init_noise_sigma, or a noised image).
-    context: (2N, 77, D) = [c_∅; c] when ``guided``, else (N, 77, D) = c. keys: (N, 2) image i's
+    x: (N, h, w, 4) float32, the starting latents (x_T scaled by init_noise_sigma, or a noised image);
+    donated: its buffer becomes the result's.
+    context: (2N, 77, D) = [c_∅,0, c_0, c_∅,1, c_1, …] (each image's pair side by side, so that a batch
+    split over devices keeps pairs together) when ``guided``, else (N, 77, D) = c. keys: (N, 2) image i's
     step-noise key; step i draws N(0, I) for image n from ``fold_in(keys[n], i)``, so each image's noise
     is independent of the batch.
     cond: (N, h, w, C) channels the UNet takes after x's, the same at every evaluation (an inpainting
@@ -326,9 +339,10 @@ def _denoise(
         x_in = x_in.astype(dtype)
         t = jnp.asarray(plan.timesteps)[i]
         if guided:
-            # one pass on [x; x] with [c_∅; c], then ε̂ = ε̂_∅ + w (ε̂_c − ε̂_∅)
-            out = unet(jnp.concatenate([x_in, x_in]), t, context).astype(jnp.float32)
-            out = classifier_free_guidance(*jnp.split(out, 2), guidance_scale)
+            # one pass on (x_0, x_0, x_1, x_1, …) with (c_∅,0, c_0, …), then ε̂ = ε̂_∅ + w (ε̂_c − ε̂_∅)
+            out = unet(jnp.repeat(x_in, 2, axis=0), t, context).astype(jnp.float32)
+            out = out.reshape(x.shape[0], 2, *out.shape[1:])
+            out = classifier_free_guidance(out[:, 0], out[:, 1], guidance_scale)
         else:
             out = unet(x_in, t, context).astype(jnp.float32)
         noise = None
@@ -390,6 +404,16 @@ def _normal(keys: Array, shape: tuple[int, ...]) -> Array:
     return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad(tree, n: int):
+    """Every array of ``tree`` (None leaves stay None) grown along its first axis to ``n`` rows with
+    copies of its last row."""
+    return jax.tree.map(lambda a: jnp.pad(a, [(0, n - len(a))] + [(0, 0)] * (a.ndim - 1), mode="edge"), tree)
+
+
 def _nhwc(value, what: str, expected: tuple[int, ...]) -> Array:
     """A user's (N, C, h, w) latent-space array (diffusers' layout) as (N, h, w, C) float32, shape-checked."""
     if tuple(np.shape(value)) != expected:
@@ -404,6 +428,8 @@ class StableDiffusion:
     Build it with :meth:`from_pretrained`, or from :class:`sdjax.convert.Components` directly, then
     call it with prompts. ``progress``: show a progress bar over the denoising steps (default: in a
     terminal or notebook, not in logs); turning it on or off compiles the chain once more.
+    ``devices``: the devices a batch of images is split over (default None: all local devices; module
+    docstring).
     """
 
     def __init__(self, components: convert.Components):
@@ -416,6 +442,7 @@ class StableDiffusion:
         # (levels − 1) times: multiples of lcm(8, f · 2^(UNet levels − 1)) — 64 for SD itself
         self.size_multiple = int(np.lcm(8, self.vae_scale_factor * self.unet.config.downsample_factor))
         self.progress = _interactive()
+        self.devices: list | None = None
 
     @classmethod
     def from_pretrained(
@@ -454,6 +481,7 @@ class StableDiffusion:
                     stacklevel=_caller_outside_this_module(),
                 )
         graphdef, state = nnx.split(self.text_encoder)
+        prompts = textual_inversion.expand_prompt(prompts, self.tokenizer)  # multi-vector embeddings' tokens
         return _encode_text(graphdef, state, jnp.asarray(self.tokenizer(prompts)))
 
     def _check_size(self, name: str, value: int) -> None:
@@ -479,17 +507,24 @@ class StableDiffusion:
         return sampler, schedule, sampler.plan(schedule, start)
 
     def _contexts(self, prompts: list[str], negatives: list[str], copies: int, guided: bool) -> Array:
-        """Each prompt's context repeated for its ``copies`` images: (N, 77, D), or [c_∅; c] (2N, 77, D)
-        under guidance."""
+        """Each prompt's context repeated for its ``copies`` images: (N, 77, D), or under guidance each
+        image's pair (c_∅,i, c_i) side by side, (2N, 77, D) (:func:`_denoise`)."""
         context = jnp.repeat(self.encode_prompt(prompts), copies, axis=0)
         if guided:
             uncond = jnp.repeat(self.encode_prompt(negatives), copies, axis=0)
-            context = jnp.concatenate([uncond, context])
+            context = jnp.stack([uncond, context], axis=1).reshape(-1, *context.shape[1:])
         return context
 
     def _run_chain(self, schedule, sampler, guided, plan, x, context, guidance_scale, keys, cond=None, blend=None):
-        """:func:`_denoise` with this pipeline's UNet, under a progress bar when :attr:`progress` is on."""
-        graphdef, state = nnx.split(self.unet)
+        """:func:`_denoise` with this pipeline's UNet, the batch split over the local devices (module
+        docstring), under a progress bar when :attr:`progress` is on. Returns the final latents
+        (N', h, w, 4) of the padded batch, N' = N rounded up to a multiple of the device count, sharded."""
+        mesh = local_mesh(self.devices)
+        n, padded = len(x), _round_up(len(x), mesh.size)
+        per_image = lambda a: a.reshape(n, -1, *a.shape[1:])  # noqa: E731  (kN, …) → (N, k, …)
+        x, keys, cond, blend = shard_batch(_pad((x, keys, cond, blend), padded), mesh)
+        context = shard_batch(_pad(per_image(context), padded).reshape(-1, *context.shape[1:]), mesh)
+        graphdef, state = nnx.split(self._replicated(self.unet, mesh))
         plan = jax.tree.map(jnp.asarray, plan)
         arrays = (plan, x, context, jnp.float32(guidance_scale), keys, cond, blend)
         if not self.progress:
@@ -503,12 +538,20 @@ class StableDiffusion:
             _Progress.bar.close()
             _Progress.bar = None
 
-    def _output(self, x: Array, output_type: str):
-        """Final latents (N, h, w, 4) → what ``output_type`` asks for (see :meth:`__call__`)."""
+    @staticmethod
+    def _replicated(module: nnx.Module, mesh) -> nnx.Module:
+        """``module`` with its parameters on every device of ``mesh``, put there in place on first use
+        (``jax.device_put`` returns an array already placed so as it is, so later calls copy nothing)."""
+        nnx.update(module, replicate(nnx.state(module), mesh))
+        return module
+
+    def _output(self, x: Array, output_type: str, n: int):
+        """Final latents (N', h, w, 4) of a padded, sharded batch → what ``output_type`` asks for (see
+        :meth:`__call__`) for its first ``n`` images; the decoding runs on the devices that hold them."""
         if output_type == "latent":
-            return np.asarray(x).transpose(0, 3, 1, 2)
-        graphdef, state = nnx.split(self.vae)
-        images = np.asarray(_decode(graphdef, state, x, self.vae.config.scaling_factor))
+            return np.asarray(x)[:n].transpose(0, 3, 1, 2)
+        graphdef, state = nnx.split(self._replicated(self.vae, local_mesh(self.devices)))
+        images = np.asarray(_decode(graphdef, state, x, self.vae.config.scaling_factor))[:n]
         if output_type == "np":
             return images
         from PIL import Image
@@ -576,7 +619,7 @@ class StableDiffusion:
         x = self._run_chain(schedule, sampler, guided, plan, x, context, guidance_scale, noise_keys)
 
         # 4. decode
-        return self._output(x, output_type)
+        return self._output(x, output_type, n)
 
     def img2img(
         self,
@@ -766,4 +809,32 @@ class StableDiffusion:
                 cond = jnp.concatenate([latent_mask, encode(masked, source(len(masked)), masked_keys)], axis=-1)
 
         x = self._run_chain(schedule, sampler, guided, plan, x, context, guidance_scale, noise_keys, cond, blend)
-        return self._output(x, output_type)
+        return self._output(x, output_type, n)
+
+    # Fine-tuned additions (notebook 07, sdjax.finetune): LoRA files and textual-inversion embeddings
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> dict:
+        """Load a LoRA file — diffusers/peft (``save_lora_weights``) or kohya/AUTOMATIC1111 layout, told apart
+        by its keys — into the UNet and, if the file adapts it, the text encoder, at strength ``scale``
+        (:func:`sdjax.lora.load_lora`). It replaces any LoRA loaded before. Returns the loader's report."""
+        return lora.load_lora(path, self.unet, self.text_encoder, scale=scale)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """The LoRA strength s: W + s · (α/r) · A B (0: the base model; no recompilation)."""
+        modules = [m for m in (self.unet, self.text_encoder) if lora.lora_layers(m)]
+        if not modules:
+            raise ValueError("set_lora_scale: no LoRA is loaded (pipe.load_lora(path) first)")
+        for module in modules:
+            lora.set_lora_scale(module, scale)
+
+    def unload_lora(self) -> None:
+        """Take the LoRA out: the plain base layers back in the UNet and the text encoder."""
+        lora.remove_lora(self.unet)
+        lora.remove_lora(self.text_encoder)
+
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (diffusers' ``learned_embeds.safetensors``/``.bin``, AUTOMATIC1111's
+        ``.pt``/``.safetensors``) as a new token, usable in prompts and negative prompts; ``token`` overrides
+        the name the file gives (:mod:`sdjax.textual_inversion`). Returns the tokens added."""
+        embeddings = textual_inversion.load_embeddings(path, token)
+        return textual_inversion.add_embeddings(self.tokenizer, self.text_encoder, embeddings)

@@ -258,23 +258,29 @@ def train_clip(
 
 
 class TextToLatent(nnx.Module):
-    """Stage C's trainee and its frozen text encoder, so one ``fit`` call sees both.
+    """Stage C's trainee and its text encoder, so one ``fit`` call sees both.
 
-    ``(z_t, t, ids) → unet(z_t, t, CLIP(ids))``, the context under ``stop_gradient``: the text encoder
-    gets zero gradients, which Adam turns into exactly zero updates, so it stays as stage B left it.
+    ``(z_t, t, ids) → unet(z_t, t, CLIP(ids))``. With ``freeze_text`` the context is under
+    ``stop_gradient``: the text encoder gets zero gradients, which Adam turns into exactly zero updates,
+    so it stays as stage B left it. Fine-tuning (:mod:`sdjax.finetune`) lets gradients through to it
+    and chooses what trains with ``fit``'s ``trainable`` filter instead.
     """
 
-    def __init__(self, unet: UNet2D, text_encoder: CLIPTextModel):
-        self.unet, self.text_encoder = unet, text_encoder
+    def __init__(self, unet: UNet2D, text_encoder: CLIPTextModel, freeze_text: bool = True):
+        self.unet, self.text_encoder, self.freeze_text = unet, text_encoder, freeze_text
 
     def __call__(self, z_t: Array, t: Array, ids: Array) -> Array:
-        context = jax.lax.stop_gradient(self.text_encoder(ids).last_hidden_state)
-        return self.unet(z_t, t, context)
+        context = self.text_encoder(ids).last_hidden_state
+        if self.freeze_text:
+            context = jax.lax.stop_gradient(context)
+        return self.unet(z_t.astype(context.dtype), t, context)
 
 
 def conditional_diffusion_loss(schedule: NoiseSchedule, empty_ids: np.ndarray, dropout: float):
     """L_simple with caption dropout, in ``fit``'s form: batch {"latent": z_0 (B, h, w, 4) scaled,
-    "ids": (B, 77)}; each caption is replaced by the empty prompt's ``empty_ids`` with probability ``dropout``."""
+    "ids": (B, 77)}; each caption is replaced by the empty prompt's ``empty_ids`` with probability ``dropout``.
+    An optional "weight" (B,) weighs each example's squared error (DreamBooth's prior-preservation λ):
+    L = mean_i w_i ‖ε_i − ε̂_i‖² / (h·w·4)."""
     empty = jnp.asarray(empty_ids, jnp.int32)
 
     def loss_fn(model: TextToLatent, batch, key):
@@ -285,7 +291,10 @@ def conditional_diffusion_loss(schedule: NoiseSchedule, empty_ids: np.ndarray, d
         t = jax.random.randint(key_t, (z0.shape[0],), 0, schedule.num_train_timesteps)
         eps = jax.random.normal(key_eps, z0.shape, jnp.float32)
         prediction = model(q_sample(schedule, z0, t, eps), t, ids)
-        return jnp.mean((prediction.astype(jnp.float32) - training_target(schedule, z0, t, eps)) ** 2), {}
+        error = (prediction.astype(jnp.float32) - training_target(schedule, z0, t, eps)) ** 2
+        if "weight" not in batch:
+            return jnp.mean(error), {}
+        return jnp.mean(batch["weight"] * jnp.mean(error, axis=(1, 2, 3))), {}
 
     return loss_fn
 

@@ -144,6 +144,16 @@ CASES = {
             (lambda d, z, s: (d(z / s) + 1) / 2, "clip to [0, 1]"),
         ],
     ),
+    "lora_forward": (
+        ex.check_lora_forward,
+        lambda x, w, b, a, bb, alpha, s: x @ (w + s * alpha / a.shape[1] * a @ bb) + b,  # the fused form
+        [
+            (lambda x, w, b, a, bb, al, s: x @ w + b + s * (x @ a) @ bb, "scale the update by α / r"),
+            (lambda x, w, b, a, bb, al, s: x @ w + b + s * al * (x @ a) @ bb, "divide α by the rank"),
+            (lambda x, w, b, a, bb, al, s: s * al / 2 * (x @ a) @ bb, "keep x W + b"),
+            (lambda x, w, b, a, bb, al, s: x @ (w + s * al / 2 * a @ bb), "the bias b"),
+        ],
+    ),
     "guidance": (
         ex.check_guidance,
         lambda u, c, w: (1 - w) * u + w * c,  # the same combination, written as a mixture

@@ -130,7 +130,7 @@ def test_restore_into_a_different_model_names_the_mismatch(tmp_path):
     other = Autoencoder(
         AutoencoderConfig(block_out_channels=(8, 16, 16), latent_channels=2, norm_num_groups=4), rngs=nnx.Rngs(0)
     )
-    _, template = create_train_state(other, optax.adam(1e-2), 0, 0.9)
+    _, template, _ = create_train_state(other, optax.adam(1e-2), 0, 0.9)
     with pytest.raises(ValueError, match="missing .* tensors.*different config"):
         restore_checkpoint(ckpt, template)
 

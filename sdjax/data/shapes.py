@@ -36,6 +36,9 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 BACKGROUNDS = ("white", "black", "grey", "gradient")
+# Shapes outside the vocabulary: `sample_attributes`, and so every dataset and the bundled text-to-image
+# model trained on them, never draw them. Notebook 07 teaches the model one from a few images.
+NOVEL_SHAPES = ("crescent",)
 
 # Saturated hues, far apart from each other and from every background colour
 # (tests/test_data.py checks the distances).
@@ -90,7 +93,7 @@ class ShapeObject:
 
     def __post_init__(self):
         for value, vocab in (
-            (self.shape, SHAPES),
+            (self.shape, SHAPES + NOVEL_SHAPES),
             (self.colour, COLOURS),
             (self.size, SIZES),
             (self.position, POSITIONS),
@@ -123,6 +126,19 @@ def sample_attributes(rng: np.random.Generator, max_objects: int = 2) -> ShapesS
         for s, c, z, p in zip(shapes, colours, sizes, positions, strict=True)
     )
     return ShapesSample(objects, BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+
+
+def scenes_of(shape: str, n: int, seed: int = 0) -> list[ShapesSample]:
+    """n one-object scenes of one ``shape`` (e.g. a novel one), every other attribute drawn uniformly:
+    the few images of a new concept, and held-out scenes to test it on (notebook 07)."""
+    rng = np.random.default_rng(seed)
+    return [
+        ShapesSample(
+            (ShapeObject(shape, COLOURS[rng.integers(8)], SIZES[rng.integers(2)], POSITIONS[rng.integers(9)]),),
+            BACKGROUNDS[rng.integers(4)],
+        )
+        for _ in range(n)
+    ]
 
 
 def caption(sample: ShapesSample) -> str:
@@ -203,7 +219,13 @@ def from_samples(samples: list[ShapesSample], resolution: int = 32, max_objects:
     for i, sample in enumerate(samples):
         images[i] = render(sample, resolution)
 
-    slot_vocab = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+    novel = any(o.shape in NOVEL_SHAPES for s in samples for o in s.objects)  # then labels index both
+    slot_vocab = {
+        "shape": SHAPES + NOVEL_SHAPES if novel else SHAPES,
+        "colour": COLOURS,
+        "size": SIZES,
+        "position": POSITIONS,
+    }
     index = {attr: {word: i for i, word in enumerate(vocab)} for attr, vocab in slot_vocab.items()}
     labels = {f"{attr}_{k}": np.full(n, -1, np.int32) for k in range(max_objects) for attr in slot_vocab}
     for i, sample in enumerate(samples):
@@ -278,6 +300,11 @@ def _coverage(shape: str, size: str, position: str, resolution: int) -> np.ndarr
         mask = squared_distance <= 1.0
         if shape == "ring":
             mask &= squared_distance >= 0.5**2  # hole of half the radius
+    elif shape == "crescent":
+        # the unit disk less a disk of radius 0.8 centred at (0.5, 0): its horns end at x = 0.61, so
+        # the bounding box spans x ∈ [−1, 0.61], centred by moving it 0.195 to the right
+        x = x - 0.195
+        mask = (x**2 + y**2 <= 1.0) & ((x - 0.5) ** 2 + y**2 >= 0.8**2)
     else:
         mask = np.zeros((fine, fine), bool)
         for polygon in _UNIT_POLYGONS[shape]:

@@ -611,6 +611,9 @@ class UNet2D(nnx.Module):
 
         self.conv_norm_out = group_norm(ch[0], g, eps, rngs)
         self.conv_out = conv(ch[0], cfg.out_channels, 3, rngs)
+        # Rematerialisation for training (``jax.checkpoint``): each block's activations are recomputed in
+        # the backward pass instead of kept from the forward one — memory for about a third more compute.
+        self.remat = False
 
     def time_proj(self, t: Array) -> Array:
         """Fixed sinusoidal features of the timesteps: (B,) → (B, block_out_channels[0])."""
@@ -639,9 +642,15 @@ class UNet2D(nnx.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, pushed = block(h, temb, context)
+            h, pushed = self._run(block, h, temb, context)
             skips.extend(pushed)
-        h = self.mid_block(h, temb, context)
+        h = self._run(self.mid_block, h, temb, context)
         for block in self.up_blocks:
-            h = block(h, skips, temb, context)
+            n = len(block.resnets)  # the skips this block consumes, handed over as a list of its own
+            skips, taken = skips[:-n], skips[-n:]
+            h = self._run(block, h, taken, temb, context)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
+
+    def _run(self, block: nnx.Module, *args):
+        """``block(*args)``, under ``nnx.remat`` when :attr:`remat` is on."""
+        return nnx.remat(lambda b, *a: b(*a))(block, *args) if self.remat else block(*args)

@@ -1,0 +1,379 @@
+"""Fine-tuning: teach a trained Stable Diffusion a new subject or style from a few images.
+
+Every method minimises the same denoising loss as training from scratch (Ho et al. 2020),
+
+    L(θ) = E_{z_0, c, t, ε} ‖ε − ε̂_θ(√ᾱ_t z_0 + √(1 − ᾱ_t) ε, t, CLIP(c))‖²,
+
+on latents z_0 = s · E(x) of the new images x and their prompts c. They differ only in *which* θ moves
+(the rest stays frozen), and so in what they can learn and how big the result is:
+
+============================  ===================================================  ==================
+method                        what trains                                          file it makes
+============================  ===================================================  ==================
+``lora`` (Hu et al. 2021)     low-rank ΔW = (α/r) A B beside the attention         a few MB
+                              projections W (``sdjax.lora``); W frozen
+``textual_inversion``         one new token's embedding v* in CLIP's table         a few KB
+(Gal et al. 2022)             (``sdjax.textual_inversion``); everything else
+                              frozen: the concept must be expressible in words
+``dreambooth``                the whole UNet, with prior preservation (below)      the whole UNet
+(Ruiz et al. 2022)
+``full``                      the whole UNet on a captioned dataset                the whole UNet
+============================  ===================================================  ==================
+
+DreamBooth's prior preservation: the instance prompt ("a sks dog") names a rare token plus the class
+("dog"); fine-tuning on 3–5 photos would make the model forget what other dogs look like, so images the
+model itself drew for the class prompt ("a dog") are trained on alongside, with weight λ:
+
+    L = E ‖ε − ε̂(z_t, t, c_instance)‖² + λ E ‖ε − ε̂(z'_t, t, c_class)‖².
+
+Here both kinds of example share one dataset, each with its weight (1 or λ), so a batch mixes them.
+
+Few images, many views (:func:`random_views`): random crops at a random scale (scale jitter), resized
+back to the training size, and horizontal flips. Crops matter — a model shown only whole images learns
+the subject's silhouette and loses its detail — and flips double the data for free (unless the subject
+is not mirror-symmetric: text, logos). The views are encoded by the VAE once, before training.
+
+Memory: ``dtype="bfloat16"`` runs the networks in bf16 while the optimizer keeps float32 master weights;
+``remat=True`` recomputes each UNet block's activations in the backward pass (``jax.checkpoint``);
+``sdjax.train.fit`` shards every batch over all local devices (data parallel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from sdjax import convert, lora, textual_inversion
+from sdjax.pipeline import StableDiffusion
+from sdjax.schedulers import q_sample, training_target
+from sdjax.tiny_sd import TextToLatent, conditional_diffusion_loss, encode_means
+from sdjax.train import FitResult, fit
+
+Array = jax.Array
+METHODS = ("lora", "textual_inversion", "dreambooth", "full")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """How to fine-tune. The defaults suit a few 64-px images on the bundled tiny model; for SD1.5 at
+    512 px the usual values are lr 1e-4 (LoRA), 5e-4 (textual inversion), 2e-6 (DreamBooth)."""
+
+    method: str = "lora"
+    steps: int = 300
+    batch_size: int = 8
+    learning_rate: float | None = None  # None: the method's default (DEFAULT_LR)
+    # LoRA
+    rank: int = 4
+    alpha: float | None = None  # None: α = r, so the update is A B itself
+    lora_dropout: float = 0.0
+    lora_text_encoder: bool = False  # also adapt CLIP's attention projections
+    # textual inversion: the new token and the word whose embedding it starts from
+    token: str | None = None
+    init_word: str | None = None
+    num_vectors: int = 1
+    # DreamBooth
+    prior_loss_weight: float = 1.0  # λ
+    # data
+    views_per_image: int = 32
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # side of a crop as a fraction of the image side
+    flip: bool = True
+    caption_dropout: float = 0.0  # train the unconditional prediction too (needed by full fine-tunes)
+    # memory
+    dtype: str = "float32"
+    remat: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.method == "textual_inversion" and not (self.token and self.init_word):
+            raise ValueError(
+                "textual inversion needs token= (a new, rare string, e.g. '<sks>') and init_word= (an existing "
+                "word close to the concept, e.g. 'ring', whose embedding the new one starts from)"
+            )
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale={self.crop_scale}: expected 0 < low ≤ high ≤ 1 (fractions of the side)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+
+DEFAULT_LR = {"lora": 1e-3, "textual_inversion": 5e-3, "dreambooth": 1e-4, "full": 1e-4}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: a folder of images, and many views of a few images
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_image_folder(path: str | os.PathLike) -> tuple[list[Image.Image], list[str] | None]:
+    """Every image in a folder (sorted by name) as RGB PIL images of any size, and their captions when
+    each image has one beside it in a text file of the same name (``cat1.png`` + ``cat1.txt``, the layout
+    kohya's scripts and most captioned fine-tuning sets use), else None."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder; give a folder holding the training images")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    texts = [f.with_suffix(".txt") for f in files]
+    captions = [t.read_text(encoding="utf-8").strip() for t in texts] if all(t.is_file() for t in texts) else None
+    return [Image.open(f).convert("RGB") for f in files], captions
+
+
+def _as_pil(image) -> Image.Image:
+    """A PIL image, or an (H, W, 3) float array in [−1, 1] (sdjax's convention), as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image, np.float32)
+    return Image.fromarray(np.round((np.clip(array, -1, 1) + 1) * 127.5).astype(np.uint8))
+
+
+def random_views(
+    images, n: int, resolution: int, seed: int = 0, crop_scale=(0.5, 1.0), flip: bool = True
+) -> np.ndarray:
+    """``n`` augmented views of the images (cycled in order): a random square crop whose side is a
+    fraction u ∼ U(crop_scale) of the image's shorter side, at a uniformly random place, resized to
+    ``resolution`` (Lanczos), mirrored left–right with probability 1/2 when ``flip``.
+
+    ``images``: PIL images or (N, H, W, 3) floats in [−1, 1]. Returns (n, resolution, resolution, 3)
+    float32 in [−1, 1]. crop_scale=(1, 1) and flip=False give centre crops of the whole images.
+    """
+    pils = [_as_pil(im) for im in images]
+    rng = np.random.default_rng(seed)
+    views = np.empty((n, resolution, resolution, 3), np.float32)
+    for i in range(n):
+        im = pils[i % len(pils)]
+        w, h = im.size
+        side = max(1, int(round(rng.uniform(*crop_scale) * min(w, h))))
+        left, top = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+        view = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
+        if flip and rng.random() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        views[i] = np.asarray(view, np.float32) / 127.5 - 1.0
+    return views
+
+
+def encode_latents(sd: StableDiffusion, images: np.ndarray) -> np.ndarray:
+    """z_0 = s · E(x): (N, H, W, 3) in [−1, 1] → the scaled posterior means (N, H/f, W/f, 4), float32."""
+    vae = sd.vae
+    return encode_means(vae, images.astype(sd.dtype)).astype(np.float32) * vae.config.scaling_factor
+
+
+def training_data(
+    sd: StableDiffusion,
+    images,
+    prompt: str | list[str],
+    config: FinetuneConfig,
+    *,
+    class_images=None,
+    class_prompt: str | None = None,
+    resolution: int | None = None,
+) -> dict[str, np.ndarray]:
+    """``fit``'s data for fine-tuning: {"latent": (M, h, w, 4), "ids": (M, 77), "weight": (M,)}.
+
+    ``images`` get ``views_per_image`` augmented views each, all with ``prompt`` (one string, or one per
+    image). ``class_images`` with ``class_prompt`` (DreamBooth's prior; see :func:`class_images`) join
+    as they are, with weight λ = ``prior_loss_weight``. ``resolution``: the training size (default
+    the UNet's ``sample_size`` × the VAE's factor, the size the model was trained at).
+    """
+    resolution = resolution or sd.unet.config.sample_size * sd.vae_scale_factor
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
+    n = config.views_per_image * len(images)
+    views = random_views(images, n, resolution, config.seed, config.crop_scale, config.flip)
+    latents, texts, weights = [encode_latents(sd, views)], [prompts[i % len(images)] for i in range(n)], [np.ones(n)]
+    if class_images is not None:
+        if not class_prompt:
+            raise ValueError("class_images need their class_prompt (e.g. 'a shape' for instance prompt 'a sks shape')")
+        prior = random_views(class_images, len(class_images), resolution, config.seed + 1, (1.0, 1.0), False)
+        latents.append(encode_latents(sd, prior))
+        texts += [class_prompt] * len(prior)
+        weights.append(np.full(len(prior), config.prior_loss_weight))
+    return {
+        "latent": np.concatenate(latents),
+        "ids": np.asarray(sd.tokenizer(textual_inversion.expand_prompt(texts, sd.tokenizer)), np.int32),
+        "weight": np.concatenate(weights).astype(np.float32),
+    }
+
+
+def class_images(sd: StableDiffusion, class_prompt: str, n: int, seed: int = 0, **sampling) -> np.ndarray:
+    """DreamBooth's prior: ``n`` images the model itself draws for the class prompt, before fine-tuning.
+    Returns (n, H, W, 3) in [−1, 1]."""
+    images = sd([class_prompt], num_images_per_prompt=n, seed=seed, output_type="np", **sampling)
+    return images * 2.0 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+
+def _trainable(config: FinetuneConfig):
+    """The nnx filter of what a method trains, in the (unet, text_encoder) model :func:`finetune` builds."""
+    if config.method == "lora":
+        return lora.LoRAParam
+    if config.method == "textual_inversion":
+        return nnx.All(nnx.Param, nnx.PathContains("token_embedding"))
+    return nnx.All(nnx.Param, nnx.PathContains("unet"))
+
+
+def _loss(sd: StableDiffusion, config: FinetuneConfig, new_rows: np.ndarray | None):
+    """The weighted denoising loss (tiny_sd.conditional_diffusion_loss), with two wrappers:
+
+    * textual inversion: the embedding table E trains as a whole, but rows other than the new tokens'
+      pass through ``stop_gradient``, so their gradient is exactly 0 and Adam leaves them unchanged:
+      E' = m ⊙ E + (1 − m) ⊙ sg(E), m = 1 on the new rows.
+    * bf16: the networks run on bf16 copies of the float32 master weights (mixed precision).
+    """
+    empty_ids = np.asarray(sd.tokenizer([""]), np.int32)[0]
+    base = conditional_diffusion_loss(sd.schedule, empty_ids, config.caption_dropout)
+    dtype = jnp.dtype(config.dtype)
+
+    def loss_fn(model: TextToLatent, batch, key):
+        if new_rows is not None:
+            table = model.text_encoder.embeddings.token_embedding.embedding
+            mask = jnp.asarray(new_rows)[:, None]
+            table[...] = jnp.where(mask, table[...], jax.lax.stop_gradient(table[...]))
+        if dtype != jnp.float32:
+            graphdef, state = nnx.split(model)
+            state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+            model = nnx.merge(graphdef, state)
+        return base(model, batch, key)
+
+    return loss_fn
+
+
+def finetune(
+    sd: StableDiffusion,
+    data: dict[str, np.ndarray],
+    config: FinetuneConfig,
+    *,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+) -> FitResult:
+    """Fine-tune ``sd`` in place on ``data`` (from :func:`training_data`) by ``config.method``.
+
+    Before training: ``lora`` adds fresh adapters (B = 0, so the model starts unchanged) to the UNet's
+    attention projections (and CLIP's with ``lora_text_encoder``); ``textual_inversion`` adds
+    ``config.token`` to the tokenizer and a row to CLIP's table, initialised from ``init_word``'s
+    embedding (the word must be one token). Returns ``fit``'s result (its ``history`` holds the loss).
+    """
+    if sd.dtype != jnp.float32:
+        raise ValueError(
+            "fine-tune a float32 pipeline (weights are the optimizer's masters); use dtype='bfloat16' "
+            "in the FinetuneConfig for bf16 compute"
+        )
+    new_rows = None
+    if config.method == "lora" and not lora.lora_layers(sd.unet):  # (existing adapters train on)
+        cfg = lora.LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout)
+        lora.add_lora(sd.unet, cfg, rngs=nnx.Rngs(config.seed))
+        if config.lora_text_encoder:
+            lora.add_lora(sd.text_encoder, cfg, rngs=nnx.Rngs(config.seed + 1))
+    elif config.method == "textual_inversion":
+        if config.token not in sd.tokenizer.added_tokens:
+            raise ValueError(
+                f"{config.token!r} is not in the tokenizer yet: add it with textual_inversion.add_token(sd.tokenizer, "
+                f"sd.text_encoder, {config.token!r}, init_word={config.init_word!r}) before building the data (or "
+                "let sdjax.finetune.run do both)"
+            )
+        new_rows = textual_inversion.new_rows_mask(sd.tokenizer, sd.text_encoder, config.token)
+        if not np.isin(np.flatnonzero(new_rows), data["ids"]).any():
+            raise ValueError(
+                f"no training prompt uses {config.token!r}: name it in the prompt, e.g. 'a {config.token}'"
+            )
+    sd.unet.remat = config.remat
+    model = TextToLatent(sd.unet, sd.text_encoder, freeze_text=False)
+    try:
+        result = fit(
+            model,
+            _loss(sd, config, new_rows),
+            data,
+            steps=config.steps,
+            batch_size=config.batch_size,
+            optimizer=optax.adam(config.lr),
+            seed=config.seed,
+            checkpoint=checkpoint,
+            progress=progress,
+            desc=f"fine-tune · {config.method}",
+            trainable=_trainable(config),
+        )
+    finally:
+        sd.unet.remat = False
+    return result
+
+
+def run(
+    sd: StableDiffusion,
+    images,
+    prompt: str | list[str],
+    config: FinetuneConfig,
+    *,
+    class_prompt: str | None = None,
+    num_class_images: int = 0,
+    progress: bool = True,
+) -> FitResult:
+    """Everything in order: add the token (textual inversion), draw the class images (DreamBooth prior,
+    ``num_class_images`` > 0, before any weight changes), build the views, fine-tune."""
+    if config.method == "textual_inversion" and config.token not in sd.tokenizer.added_tokens:
+        textual_inversion.add_token(
+            sd.tokenizer, sd.text_encoder, config.token, init_word=config.init_word, num_vectors=config.num_vectors
+        )
+    prior = class_images(sd, class_prompt, num_class_images, seed=config.seed) if num_class_images else None
+    data = training_data(sd, images, prompt, config, class_images=prior, class_prompt=class_prompt)
+    return finetune(sd, data, config, progress=progress)
+
+
+def save(sd: StableDiffusion, config: FinetuneConfig, path: str | os.PathLike, format: str | None = None) -> Path:
+    """Write what fine-tuning learned, in the file people share:
+
+    * lora: the adapters (``format`` "diffusers", default, or "kohya"; :func:`sdjax.lora.save_lora`);
+    * textual_inversion: the token's vectors (``format`` "diffusers", default, or "a1111"), a few KB;
+    * dreambooth/full: the whole model, in ``format`` "sdjax", "diffusers" or "compvis" (default: a CompVis
+      single file for a ``.safetensors`` path, an sdjax folder otherwise; :func:`sdjax.convert.save`).
+    """
+    if config.method == "lora":
+        text = sd.text_encoder if config.lora_text_encoder else None
+        return lora.save_lora(path, unet=sd.unet, text_encoder=text, format=format or "diffusers")
+    if config.method == "textual_inversion":
+        vectors = textual_inversion.read_embeddings(sd.tokenizer, sd.text_encoder, config.token)
+        return textual_inversion.save_embeddings(path, vectors, format=format or "diffusers")
+    return convert.save(sd.components, path, layout=format)
+
+
+def heldout_loss(sd: StableDiffusion, images: np.ndarray, prompts: list[str], *, seed: int = 0, n_t: int = 8) -> float:
+    """The denoising loss on held-out images at fixed noise: ``n_t`` evenly spaced timesteps, one fixed
+    ε per (image, t). Deterministic, so before/after fine-tuning are compared on the very same draws —
+    how much closer the model has come to the new concept, in the loss it trains on."""
+    latents = jnp.asarray(encode_latents(sd, np.asarray(images, np.float32)))
+    ids = jnp.asarray(np.asarray(sd.tokenizer(textual_inversion.expand_prompt(prompts, sd.tokenizer)), np.int32))
+    n, T = len(latents), sd.schedule.num_train_timesteps
+    ts = jnp.asarray(np.linspace(0, T - 1, n_t + 2)[1:-1].round().astype(np.int32))
+    model = TextToLatent(sd.unet, sd.text_encoder)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def loss(state, z0, ids, t, eps):
+        m = nnx.merge(graphdef, state)
+        prediction = m(q_sample(sd.schedule, z0, t, eps), t, ids).astype(jnp.float32)
+        return jnp.mean((prediction - training_target(sd.schedule, z0, t, eps)) ** 2)
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_t)
+    total = [
+        loss(state, latents, ids, jnp.full((n,), t), jax.random.normal(k, latents.shape)) for t, k in zip(ts, keys)
+    ]
+    return float(np.mean(total))
