@@ -186,7 +186,7 @@ def training_data(
     """``fit``'s data for fine-tuning: {"latent": (M, h, w, 4), "ids": (M, 77), "weight": (M,)}.
 
     ``images`` get ``views_per_image`` augmented views each, all with ``prompt`` (one string, or one per
-    image). ``class_images`` with ``class_prompt`` (DreamBooth's prior; see :func:`class_images`) join
+    image). ``class_images`` with ``class_prompt`` (DreamBooth's prior; see :func:`draw_class_images`) join
     as they are, with weight λ = ``prior_loss_weight``. ``resolution``: the training size (default
     the UNet's ``sample_size`` × the VAE's factor, the size the model was trained at).
     """
@@ -211,7 +211,7 @@ def training_data(
     }
 
 
-def class_images(sd: StableDiffusion, class_prompt: str, n: int, seed: int = 0, **sampling) -> np.ndarray:
+def draw_class_images(sd: StableDiffusion, class_prompt: str, n: int, seed: int = 0, **sampling) -> np.ndarray:
     """DreamBooth's prior: ``n`` images the model itself draws for the class prompt, before fine-tuning.
     Returns (n, H, W, 3) in [−1, 1]."""
     images = sd([class_prompt], num_images_per_prompt=n, seed=seed, output_type="np", **sampling)
@@ -239,12 +239,20 @@ def _loss(sd: StableDiffusion, config: FinetuneConfig, new_rows: np.ndarray | No
       pass through ``stop_gradient``, so their gradient is exactly 0 and Adam leaves them unchanged:
       E' = m ⊙ E + (1 − m) ⊙ sg(E), m = 1 on the new rows.
     * bf16: the networks run on bf16 copies of the float32 master weights (mixed precision).
+
+    With LoRA dropout the adapters' dropout keys are folded with a number drawn from the step's key, so
+    every step draws new masks (the rng state lives in the frozen part of the model, which a step does not
+    return).
     """
     empty_ids = np.asarray(sd.tokenizer([""]), np.int32)[0]
     base = conditional_diffusion_loss(sd.schedule, empty_ids, config.caption_dropout)
     dtype = jnp.dtype(config.dtype)
 
     def loss_fn(model: TextToLatent, batch, key):
+        if config.lora_dropout:  # fresh dropout masks each step (the frozen rng state is not carried over)
+            graphdef, keys, rest = nnx.split(model, nnx.RngKey, ...)
+            salt = jax.random.randint(jax.random.fold_in(key, 1), (), 0, jnp.iinfo(jnp.int32).max)
+            model = nnx.merge(graphdef, jax.tree.map(lambda k: jax.random.fold_in(k, salt), keys), rest)
         if new_rows is not None:
             table = model.text_encoder.embeddings.token_embedding.embedding
             mask = jnp.asarray(new_rows)[:, None]
@@ -268,10 +276,11 @@ def finetune(
 ) -> FitResult:
     """Fine-tune ``sd`` in place on ``data`` (from :func:`training_data`) by ``config.method``.
 
-    Before training: ``lora`` adds fresh adapters (B = 0, so the model starts unchanged) to the UNet's
-    attention projections (and CLIP's with ``lora_text_encoder``); ``textual_inversion`` adds
-    ``config.token`` to the tokenizer and a row to CLIP's table, initialised from ``init_word``'s
-    embedding (the word must be one token). Returns ``fit``'s result (its ``history`` holds the loss).
+    Before training, ``lora`` adds fresh adapters (B = 0, so the model starts unchanged) to the UNet's
+    attention projections (and CLIP's with ``lora_text_encoder``), unless the UNet has adapters already
+    (they train on). ``textual_inversion`` needs ``config.token`` added first
+    (``textual_inversion.add_token``; :func:`run` does it) and prompts in ``data`` that use it. Returns
+    ``fit``'s result (its ``history`` holds the loss).
     """
     if sd.dtype != jnp.float32:
         raise ValueError(
@@ -281,9 +290,9 @@ def finetune(
     new_rows = None
     if config.method == "lora" and not lora.lora_layers(sd.unet):  # (existing adapters train on)
         cfg = lora.LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout)
-        lora.add_lora(sd.unet, cfg, rngs=nnx.Rngs(config.seed))
+        lora.add_lora(sd.unet, cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed))
         if config.lora_text_encoder:
-            lora.add_lora(sd.text_encoder, cfg, rngs=nnx.Rngs(config.seed + 1))
+            lora.add_lora(sd.text_encoder, cfg, rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 1))
     elif config.method == "textual_inversion":
         if config.token not in sd.tokenizer.added_tokens:
             raise ValueError(
@@ -298,6 +307,7 @@ def finetune(
             )
     sd.unet.remat = config.remat
     model = TextToLatent(sd.unet, sd.text_encoder, freeze_text=False)
+    model.train()  # LoRA's dropout acts in training mode only
     try:
         result = fit(
             model,
@@ -314,6 +324,7 @@ def finetune(
         )
     finally:
         sd.unet.remat = False
+        model.eval()
     return result
 
 
@@ -333,7 +344,7 @@ def run(
         textual_inversion.add_token(
             sd.tokenizer, sd.text_encoder, config.token, init_word=config.init_word, num_vectors=config.num_vectors
         )
-    prior = class_images(sd, class_prompt, num_class_images, seed=config.seed) if num_class_images else None
+    prior = draw_class_images(sd, class_prompt, num_class_images, seed=config.seed) if num_class_images else None
     data = training_data(sd, images, prompt, config, class_images=prior, class_prompt=class_prompt)
     return finetune(sd, data, config, progress=progress)
 

@@ -88,6 +88,9 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     """
 
     def loss_of_params(params, frozen, batch, key):
+        # fresh Variables at this trace level, so that layers may update their own state while they run
+        # (dropout's rng count); the updates are not kept: ``frozen`` stays as it came in
+        frozen = jax.tree.map(lambda a: a, frozen)
         return loss_fn(nnx.merge(graphdef, params, frozen), batch, key)
 
     # donate_argnums=0: the old state's buffers are reused for the new one, so a step holds one copy of

@@ -101,10 +101,12 @@ def test_remat_gives_the_same_gradients(bundle_components):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(jnp.abs(a).max()))  # measured ≤ 1e-6 rel
 
 
-def test_dreambooth_trains_the_unet_only(bundle_components):
+def test_dreambooth_in_bf16_with_remat_trains_the_unet_only(bundle_components):
     pipe = fresh_pipe(bundle_components)
     _, images, prompts = crescents(2, 0)
-    config = finetune.FinetuneConfig(method="dreambooth", steps=2, batch_size=4, views_per_image=2, remat=True)
+    config = finetune.FinetuneConfig(
+        method="dreambooth", steps=2, batch_size=4, views_per_image=2, remat=True, dtype="bfloat16"
+    )
     text_before = jax.tree.map(np.asarray, nnx.state(pipe.text_encoder))
     unet_before = jax.tree.map(np.asarray, nnx.state(pipe.unet))
     result = finetune.finetune(pipe, finetune.training_data(pipe, images, prompts, config), config, progress=False)
@@ -115,7 +117,9 @@ def test_dreambooth_trains_the_unet_only(bundle_components):
         not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(unet_before), jax.tree.leaves(nnx.state(pipe.unet)))
     ]
     assert np.mean(changed) > 0.9
+    assert np.isfinite(result.history["loss"]).all()
     assert pipe.unet.remat is False  # switched off again after training
+    assert pipe.dtype == jnp.float32  # bf16 was the compute dtype only: the weights stay float32 masters
 
 
 def test_object_iou_tells_a_crescent_from_a_disk():
@@ -176,3 +180,14 @@ def test_textual_inversion_trains_the_new_row_only(bundle_components):
     np.testing.assert_array_equal(table[~new], table_before[~new])
     assert not np.allclose(table[new], table_before[new])
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(pipe.unet, nnx.Param)), unet)
+
+
+def test_lora_dropout_trains_and_ends_in_eval_mode(bundle_components):
+    pipe = fresh_pipe(bundle_components)
+    _, images, prompts = crescents(2, 0)
+    config = finetune.FinetuneConfig(method="lora", steps=3, batch_size=4, views_per_image=2, lora_dropout=0.5)
+    result = finetune.finetune(pipe, finetune.training_data(pipe, images, prompts, config), config, progress=False)
+    assert np.isfinite(result.history["loss"]).all()
+    layers = lora.lora_layers(pipe.unet)
+    assert layers and all(layer.dropout is not None and layer.dropout.deterministic for layer in layers.values())
+    assert any(np.abs(np.asarray(layer.lora_B[...])).max() > 0 for layer in layers.values())
