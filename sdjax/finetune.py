@@ -41,6 +41,7 @@ Memory: ``dtype="bfloat16"`` runs the networks in bf16 while the optimizer keeps
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -366,6 +367,14 @@ def save(sd: StableDiffusion, config: FinetuneConfig, path: str | os.PathLike, f
     return convert.save(sd.components, path, layout=format)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
+def _fixed_noise_loss(graphdef, state, schedule, z0: Array, ids: Array, t: Array, eps: Array) -> Array:
+    """mean ‖target − model(q_sample(z_0, t, ε), t, ids)‖² for given t and ε (no randomness)."""
+    model = nnx.merge(graphdef, state)
+    prediction = model(q_sample(schedule, z0, t, eps), t, ids).astype(jnp.float32)
+    return jnp.mean((prediction - training_target(schedule, z0, t, eps)) ** 2)
+
+
 def heldout_loss(sd: StableDiffusion, images: np.ndarray, prompts: list[str], *, seed: int = 0, n_t: int = 8) -> float:
     """The denoising loss on held-out images at fixed noise: ``n_t`` evenly spaced timesteps, one fixed
     ε per (image, t). Deterministic, so before/after fine-tuning are compared on the very same draws —
@@ -373,18 +382,12 @@ def heldout_loss(sd: StableDiffusion, images: np.ndarray, prompts: list[str], *,
     latents = jnp.asarray(encode_latents(sd, np.asarray(images, np.float32)))
     ids = jnp.asarray(np.asarray(sd.tokenizer(textual_inversion.expand_prompt(prompts, sd.tokenizer)), np.int32))
     n, T = len(latents), sd.schedule.num_train_timesteps
-    ts = jnp.asarray(np.linspace(0, T - 1, n_t + 2)[1:-1].round().astype(np.int32))
-    model = TextToLatent(sd.unet, sd.text_encoder)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def loss(state, z0, ids, t, eps):
-        m = nnx.merge(graphdef, state)
-        prediction = m(q_sample(sd.schedule, z0, t, eps), t, ids).astype(jnp.float32)
-        return jnp.mean((prediction - training_target(sd.schedule, z0, t, eps)) ** 2)
-
+    ts = np.linspace(0, T - 1, n_t + 2)[1:-1].round().astype(np.int32)
+    graphdef, state = nnx.split(TextToLatent(sd.unet, sd.text_encoder))
     keys = jax.random.split(jax.random.PRNGKey(seed), n_t)
-    total = [
-        loss(state, latents, ids, jnp.full((n,), t), jax.random.normal(k, latents.shape)) for t, k in zip(ts, keys)
+    eps = [jax.random.normal(k, latents.shape) for k in keys]
+    losses = [
+        _fixed_noise_loss(graphdef, state, sd.schedule, latents, ids, jnp.full((n,), t), e)
+        for t, e in zip(ts, eps, strict=True)
     ]
-    return float(np.mean(total))
+    return float(np.mean(losses))
