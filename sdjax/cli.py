@@ -289,6 +289,8 @@ def _load_pipeline(args: argparse.Namespace):
     if args.attention != "auto":
         set_attention_implementation(pipe.unet, args.attention)
         set_attention_implementation(pipe.vae, args.attention)
+    if args.vae_tiling is not None:
+        pipe.enable_vae_tiling(args.vae_tiling or None)
     print(
         f"loaded {args.ckpt} ({pipe.components.version.upper()}, {PRECISIONS[args.precision]}) "
         f"in {time.perf_counter() - start:.1f} s"
@@ -619,6 +621,15 @@ def _generation_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
         choices=["auto", "xla", "cudnn"],
         default="auto",
         help="attention kernel: cuDNN's fused one on a GPU in bf16/fp16 (auto), or XLA's everywhere (%(default)s)",
+    )
+    p.add_argument(
+        "--vae-tiling",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="PIXELS",
+        help="encode/decode images larger than PIXELS (default: the model's size, 512 for SD) in overlapping "
+        "tiles: the VAE's memory of one tile, tiny seams",
     )
     p.add_argument("--lora", metavar="PATH[:SCALE]", help="a LoRA file (diffusers or kohya) at strength SCALE (1)")
     p.add_argument("--embedding", metavar="PATH", action="append", help="a textual-inversion embedding (repeatable)")

@@ -212,6 +212,47 @@ def attention_backend(
     return "cudnn" if implementation == "cudnn" or not (unmet or masked) else "xla"
 
 
+# The most attention scores (batch · heads · T_q · T_k) the XLA path holds at once: 2²⁸ float32 = 1 GiB. Beyond
+# it the queries go through in chunks. None: all at once (jax's path unchanged). Read when a function is traced.
+MAX_ATTENTION_SCORES: int | None = 2**28
+
+
+def query_chunks(batch: int, heads: int, queries: int, keys: int, max_scores: int | None) -> int:
+    """How many equal chunks the queries are split into so that one chunk's scores, batch · heads ·
+    (queries / n) · keys, stay within ``max_scores``: the smallest such n that divides ``queries``."""
+    if max_scores is None:
+        return 1
+    n = min(queries, max(1, -(-batch * heads * queries * keys // max_scores)))  # one query a chunk at most
+    while queries % n:
+        n += 1
+    return n
+
+
+def _xla_attention(q: Array, k: Array, v: Array, mask: Array | None, is_causal: bool) -> Array:
+    """XLA's einsum → softmax → einsum, in query chunks when the T_q × T_k scores would be too many.
+
+    Softmax normalises each query's row of scores over the keys alone, so the rows can be computed a
+    chunk of queries at a time and the outputs concatenated: the same numbers, with only one chunk's
+    scores (float32 in jax's path, even for bf16 inputs) in memory. At 1024² SD1.5's first UNet level
+    has T = 16,384 tokens: one CFG pair's scores are 2 · 8 · 16,384² · 4 bytes = 16 GiB per layer,
+    several such buffers live at once; in chunks of 1 GiB the whole UNet pass needs a few GiB.
+    The chunks run one after the other (``lax.map``); each is rematerialised in the backward pass
+    (``jax.checkpoint``), so training keeps no chunk's scores either. Masks and causal attention
+    (CLIP's 77 tokens, never large) are not chunked.
+    """
+    b, tq, heads, d = q.shape
+    n = query_chunks(b, heads, tq, k.shape[1], MAX_ATTENTION_SCORES)
+    if n == 1 or mask is not None or is_causal:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+
+    @jax.checkpoint
+    def chunk(q_chunk: Array) -> Array:
+        return jax.nn.dot_product_attention(q_chunk, k, v, implementation="xla")
+
+    chunks = q.reshape(b, n, tq // n, heads, d).swapaxes(0, 1)  # (n, B, T_q/n, heads, d)
+    return jax.lax.map(chunk, chunks).swapaxes(0, 1).reshape(q.shape[:3] + v.shape[-1:])
+
+
 def attention(
     q: Array, k: Array, v: Array, *, mask: Array | None = None, is_causal: bool = False, implementation: str = "auto"
 ) -> Array:
@@ -223,7 +264,8 @@ def attention(
 
     ``implementation``: "auto", "xla" or "cudnn", resolved by :func:`attention_backend` for the
     default backend when the function is traced (auto: cuDNN's fused kernel on a CUDA GPU in half
-    precision, XLA's portable path on CPU and TPU).
+    precision, XLA's portable path on CPU and TPU). XLA's path splits the queries into chunks when the
+    scores would exceed :data:`MAX_ATTENTION_SCORES` (:func:`_xla_attention`).
     """
     platform, capability = accelerator()
     backend = attention_backend(
@@ -234,6 +276,8 @@ def attention(
         compute_capability=capability,
         masked=mask is not None,
     )
+    if backend == "xla":
+        return _xla_attention(q, k, v, mask, is_causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=backend)
 
 

@@ -29,7 +29,9 @@ inpainting, as diffusers' ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgP
    compilations of a second call: none).
 
 4. Decode. SD's latents were multiplied by the VAE's ``scaling_factor`` s (0.18215) to have unit
-   variance, so x̂ = Decoder(x_0 / s) ∈ [−1, 1], and the image is clip(x̂/2 + 1/2, 0, 1).
+   variance, so x̂ = Decoder(x_0 / s) ∈ [−1, 1], and the image is clip(x̂/2 + 1/2, 0, 1). With
+   :meth:`StableDiffusion.enable_vae_tiling` the VAE encodes and decodes images larger than a tile in
+   overlapping tiles (:func:`sdjax.models.vae.tiled`): its memory is then that of one tile.
 
 Image to image (:meth:`StableDiffusion.img2img`) is SDEdit (Meng et al. 2021, arXiv:2108.01073): start
 the chain part-way, from the image itself with noise added. The image is encoded, x_0 = s · z with z
@@ -84,7 +86,7 @@ from flax import nnx
 
 from sdjax import convert, lora, textual_inversion
 from sdjax.data.loader import local_mesh, replicate, shard_batch
-from sdjax.models.vae import reparameterize
+from sdjax.models.vae import DiagonalGaussian, reparameterize, tiled
 from sdjax.samplers import KARRAS_SAMPLERS, SAMPLERS, Plan, Sampler
 from sdjax.schedulers import NoiseSchedule
 
@@ -365,21 +367,34 @@ def _denoise(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode(graphdef, state, images: Array) -> tuple[Array, Array]:
-    """Images (B, H, W, 3) float32 in [−1, 1] → the VAE's posterior q(z | x): its mean and log-variance,
-    each (B, H/f, W/f, c) float32."""
-    vae = nnx.merge(graphdef, state)
+def _moments(graphdef, state, images: Array) -> Array:
+    """Images (B, H, W, 3) float32 in [−1, 1] → the VAE encoder's (B, H/f, W/f, 2c) float32 moments."""
     dtype = jax.tree.leaves(state)[0].dtype
-    posterior = vae.encode(images.astype(dtype))
-    return posterior.mean.astype(jnp.float32), posterior.logvar.astype(jnp.float32)
+    return nnx.merge(graphdef, state).moments(images.astype(dtype)).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode(graphdef, state, latents: Array, scaling_factor: float) -> Array:
-    """Latents (N, h, w, 4) float32 → images (N, h·f, w·f, 3) float32 in [0, 1]."""
-    vae = nnx.merge(graphdef, state)
+def _decoded(graphdef, state, z: Array) -> Array:
+    """Unscaled latents (N, h, w, c) float32 → the VAE decoder's (N, h·f, w·f, 3) float32, about [−1, 1]."""
     dtype = jax.tree.leaves(state)[0].dtype
-    x = vae.decode((latents / scaling_factor).astype(dtype)).astype(jnp.float32)
+    return nnx.merge(graphdef, state).decode(z.astype(dtype)).astype(jnp.float32)
+
+
+def _encode(graphdef, state, images: Array, f: int, tile: int | None) -> tuple[Array, Array]:
+    """Images (B, H, W, 3) float32 in [−1, 1] → the VAE's posterior q(z | x): its mean and log-variance,
+    each (B, H/f, W/f, c) float32; in tile × tile pixel windows when ``tile`` is given."""
+    moments = functools.partial(_moments, graphdef, state)
+    posterior = DiagonalGaussian.from_moments(
+        moments(images) if tile is None else tiled(moments, images, tile=tile, tile_out=tile // f)
+    )
+    return posterior.mean, posterior.logvar
+
+
+def _decode(graphdef, state, latents: Array, scaling_factor: float, f: int, tile: int | None) -> Array:
+    """Latents (N, h, w, c) float32 → images (N, h·f, w·f, 3) float32 in [0, 1]; in windows of tile
+    pixels (tile / f latents) when ``tile`` is given."""
+    decoded, z = functools.partial(_decoded, graphdef, state), latents / scaling_factor
+    x = decoded(z) if tile is None else tiled(decoded, z, tile=tile // f, tile_out=tile)
     return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
 
@@ -443,6 +458,7 @@ class StableDiffusion:
         self.size_multiple = int(np.lcm(8, self.vae_scale_factor * self.unet.config.downsample_factor))
         self.progress = _interactive()
         self.devices: list | None = None
+        self.vae_tile: int | None = None  # pixels; see enable_vae_tiling
 
     @classmethod
     def from_pretrained(
@@ -459,6 +475,22 @@ class StableDiffusion:
         if dtype != jnp.float32:
             components = components.astype(dtype)
         return cls(components)
+
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Encode and decode images larger than ``tile_size`` pixels (default: the model's own size, 512
+        for SD) in overlapping tiles, as diffusers' ``vae.enable_tiling()``: the VAE's memory becomes
+        that of one tile whatever the image size, at the price of a slightly different image (each tile
+        normalises on its own; the overlaps are blended, :func:`sdjax.models.vae.tiled`). ``tile_size``
+        must be a multiple of 4·f (32 for SD) so that a quarter of a tile is whole pixels and latents."""
+        f = self.vae_scale_factor
+        tile = tile_size or self.unet.config.sample_size * f
+        if tile < 4 * f or tile % (4 * f):
+            raise ValueError(f"VAE tile size {tile}: use a multiple of {4 * f} (4 × the VAE's factor {f}), e.g. 512")
+        self.vae_tile = tile
+
+    def disable_vae_tiling(self) -> None:
+        """Encode and decode every image whole again (the default)."""
+        self.vae_tile = None
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -551,7 +583,8 @@ class StableDiffusion:
         if output_type == "latent":
             return np.asarray(x)[:n].transpose(0, 3, 1, 2)
         graphdef, state = nnx.split(self._replicated(self.vae, local_mesh(self.devices)))
-        images = np.asarray(_decode(graphdef, state, x, self.vae.config.scaling_factor))[:n]
+        scale, f = self.vae.config.scaling_factor, self.vae_scale_factor
+        images = np.asarray(_decode(graphdef, state, x, scale, f, self.vae_tile))[:n]
         if output_type == "np":
             return images
         from PIL import Image
@@ -784,7 +817,7 @@ class StableDiffusion:
         def encode(pixels: np.ndarray, which: np.ndarray, keys: Array) -> Array:
             """x_0 = s · z, z ∼ q(z | pixels[which[i]]) for each image i: pixels (S, H, W, 3) in [−1, 1]
             (each encoded once), which (N,) → (N, h, w, c) float32."""
-            mean, logvar = _encode(graphdef, state, jnp.asarray(pixels))
+            mean, logvar = _encode(graphdef, state, jnp.asarray(pixels), f, self.vae_tile)
             vae_eps = _normal(keys, shape) if given_vae_eps is None else given_vae_eps
             return self.vae.config.scaling_factor * reparameterize(mean[which], logvar[which], vae_eps)
 

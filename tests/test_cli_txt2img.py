@@ -227,6 +227,7 @@ def test_input_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
         "no such prompt file: ": [*run, "--from-file", str(tmp_path / "prompts.txt")],
         "--n_samples must be at least 1, got 0": [*run, "--n_samples", "0"],
         "--n_rows must be at least 1, got -1": [*run, "--n_rows", "-1"],
+        "VAE tile size 20: use a multiple of 32": [*run, "--vae-tiling", "20"],
     }
     for message, args in cases.items():
         code, err = run_error(capsys, args)

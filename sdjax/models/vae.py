@@ -30,6 +30,8 @@ from sdjax.nn import conv
 
 Array = jax.Array
 
+DEFAULT_TILE_OVERLAP = 0.25  # the fraction of a tile that overlaps its neighbour (diffusers' value)
+
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(AutoencoderConfig):
@@ -175,12 +177,14 @@ class AutoencoderKL(nnx.Module):
         self.post_quant_conv = conv(c, c, 1, rngs) if cfg.use_quant_conv else None
         self.decoder = Decoder(cfg, rngs=rngs)
 
+    def moments(self, x: Array) -> Array:
+        """(B, H, W, C) → the encoder's (B, H/f, W/f, 2c) output: μ and log σ² side by side, unclipped."""
+        moments = self.encoder(x)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
     def encode(self, x: Array) -> DiagonalGaussian:
         """(B, H, W, C) → q(z|x) with (B, H/f, W/f, c) mean and log-variance."""
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments)
+        return DiagonalGaussian.from_moments(self.moments(x))
 
     def decode(self, z: Array) -> Array:
         """(B, h, w, c) unscaled latents → (B, h·f, w·f, C) images."""
@@ -193,6 +197,85 @@ class AutoencoderKL(nnx.Module):
         posterior = self.encode(x)
         z = posterior.mode() if key is None else posterior.sample(key)
         return self.decode(z), posterior
+
+    def tiled_encode(self, x: Array, *, tile: int, overlap: float = DEFAULT_TILE_OVERLAP) -> DiagonalGaussian:
+        """:meth:`encode` in overlapping tile × tile pixel windows, blended (:func:`tiled`); ``tile`` a
+        multiple of f. For SD, tile = 512 is diffusers' ``enable_tiling()``."""
+        tile_out = tile // self.config.downsample_factor
+        return DiagonalGaussian.from_moments(tiled(self.moments, x, tile=tile, tile_out=tile_out, overlap=overlap))
+
+    def tiled_decode(self, z: Array, *, tile: int, overlap: float = DEFAULT_TILE_OVERLAP) -> Array:
+        """:meth:`decode` in overlapping tile × tile latent windows, blended (:func:`tiled`). For SD,
+        tile = 64 (512 pixels) is diffusers' ``enable_tiling()``."""
+        return tiled(self.decode, z, tile=tile, tile_out=tile * self.config.downsample_factor, overlap=overlap)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiling: encode or decode an image too large for memory in overlapping windows
+# ---------------------------------------------------------------------------------------------------
+
+
+def blend(a: Array, b: Array, extent: int, axis: int) -> Array:
+    """Fade the tile ``a`` into its successor ``b`` along ``axis`` over ``extent`` rows:
+
+        b[y] ← (1 − y/e) · a[n_a − e + y] + (y/e) · b[y],    y = 0 … e − 1,   e = min(extent, n_a, n_b)
+
+    so b's first row is a's last-but-e row and the weight shifts linearly to b. (B, …) arrays.
+    """
+    e = min(extent, a.shape[axis], b.shape[axis])
+    if e == 0:
+        return b
+    shape = [1] * b.ndim
+    shape[axis] = e
+    w = (jnp.arange(e, dtype=jnp.float32) / e).astype(b.dtype).reshape(shape)
+    tail_of_a = jax.lax.slice_in_dim(a, a.shape[axis] - e, a.shape[axis], axis=axis)
+    head = (1 - w) * tail_of_a + w * jax.lax.slice_in_dim(b, 0, e, axis=axis)
+    return jnp.concatenate([head, jax.lax.slice_in_dim(b, e, b.shape[axis], axis=axis)], axis=axis)
+
+
+def tiled(fn, x: Array, *, tile: int, tile_out: int, overlap: float = DEFAULT_TILE_OVERLAP) -> Array:
+    """Apply a convolutional ``fn`` (B, H, W, C) → (B, H·s, W·s, C') to a large x one window at a time.
+
+    Windows of tile × tile start every ``stride = ⌊tile (1 − overlap)⌋`` rows and columns (the last
+    ones are cut short by the border). Each output window (tile_out = tile · s on a side) is blended
+    into the window above it and the one to its left over ``e = ⌊tile_out · overlap⌋`` rows
+    (:func:`blend`, in raster order, so a window fades into already-blended neighbours), then cropped
+    to its first ``tile_out − e`` rows and columns, which is exactly stride · s: the crops tile the
+    output. An x no larger than one window is passed to ``fn`` whole.
+
+    Memory: ``fn`` sees one window at a time, so its activations are those of a tile whatever the
+    image size; only the outputs of one row of windows and the result are kept. Called outside
+    ``jax.jit`` with a jitted ``fn`` (the pipeline does so), each window shape compiles once: full, or
+    cut short by the bottom or right border (four shapes when the size is a multiple of the stride).
+
+    The result is not ``fn(x)``: every window normalises with its own GroupNorm statistics and attends
+    only within itself, and the blending hides the seams that makes. This is diffusers'
+    ``AutoencoderKL`` tiling (same windows, blending and crops; tested equal to it).
+    """
+    height, width = x.shape[1:3]
+    if height <= tile and width <= tile:
+        return fn(x)
+    stride, extent = int(tile * (1 - overlap)), int(tile_out * overlap)
+    if stride < 1 or tile_out - extent != stride * tile_out // tile:
+        raise ValueError(
+            f"tile={tile}, tile_out={tile_out}, overlap={overlap}: the cropped output windows "
+            f"({tile_out - extent}) must equal the stride ({stride}) scaled by {tile_out}/{tile}; use an overlap "
+            "that makes tile·overlap and tile_out·overlap whole numbers, e.g. 0.25 with a tile divisible by 4"
+        )
+    above: list[Array] = []
+    rows = []
+    for i in range(0, height, stride):
+        row: list[Array] = []
+        for k, j in enumerate(range(0, width, stride)):
+            out = fn(x[:, i : i + tile, j : j + tile])
+            if above:
+                out = blend(above[k], out, extent, axis=1)
+            if row:
+                out = blend(row[-1], out, extent, axis=2)
+            row.append(out)
+        rows.append(jnp.concatenate([out[:, : tile_out - extent, : tile_out - extent] for out in row], axis=2))
+        above = row
+    return jnp.concatenate(rows, axis=1)
 
 
 def vae_loss(model: AutoencoderKL, batch: dict, key: Array, *, kl_weight: float = 1e-3) -> tuple[Array, dict]:
