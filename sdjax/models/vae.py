@@ -220,7 +220,7 @@ def blend(a: Array, b: Array, extent: int, axis: int) -> Array:
 
         b[y] ← (1 − y/e) · a[n_a − e + y] + (y/e) · b[y],    y = 0 … e − 1,   e = min(extent, n_a, n_b)
 
-    so b's first row is a's last-but-e row and the weight shifts linearly to b. (B, …) arrays.
+    so b starts with a's row n_a − e and the weight shifts linearly to b's own rows. (B, …) arrays.
     """
     e = min(extent, a.shape[axis], b.shape[axis])
     if e == 0:
