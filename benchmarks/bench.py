@@ -479,8 +479,10 @@ def child(args) -> None:
     side = Sdjax(components, args, "auto") if args.child == "sdjax" else Diffusers(components, args, None)
     del components
     gc.collect()
-    if args.vae_tiling:
-        side.pipe.enable_vae_tiling() if args.child == "sdjax" else side.pipe.vae.enable_tiling()
+    if args.vae_tiling and args.child == "sdjax":
+        side.pipe.enable_vae_tiling()
+    elif args.vae_tiling:
+        side.pipe.vae.enable_tiling()
     if args.child == "sdjax":
         kwargs = dict(num_inference_steps=args.steps, guidance_scale=GUIDANCE, scheduler="ddim", output_type="np")
         run = lambda: side.pipe([PROMPT], height=args.height, width=args.width, **kwargs)  # noqa: E731
