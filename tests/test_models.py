@@ -95,8 +95,9 @@ def test_logvar_is_clipped():
     np.testing.assert_array_equal(post.logvar, [[-30.0, 20.0]])
 
 
-def test_vae_matches_diffusers_autoencoder_kl():
-    """Same weights, same input: sdjax's AutoencoderKL equals diffusers' (encode moments and decode)."""
+def reference_vae():
+    """(diffusers' AutoencoderKL in the TINY config, random; sdjax's with the same weights). Its
+    sample_size of 32 pixels is also the tile size of its ``enable_tiling()`` (8 latents, f = 4)."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -113,6 +114,14 @@ def test_vae_matches_diffusers_autoencoder_kl():
     ).eval()
     ours = AutoencoderKL(VAEConfig(**TINY), rngs=nnx.Rngs(0))
     load_torch_state(ours, ref.state_dict())
+    return ref, ours
+
+
+def test_vae_matches_diffusers_autoencoder_kl():
+    """Same weights, same input: sdjax's AutoencoderKL equals diffusers' (encode moments and decode)."""
+    import torch
+
+    ref, ours = reference_vae()
     x = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1))
     z = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4)))
     with torch.no_grad():
@@ -129,21 +138,10 @@ def test_tiled_vae_matches_diffusers_tiling():
     and latents that are not multiples of the tile, with windows cut short by both borders: sdjax's
     tiled encode and decode give the same numbers. Tiling changes the result (each window has its own
     GroupNorm statistics), so the untiled outputs are checked to differ: a tiling that did nothing fails."""
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,  # tiles: 32 pixels, 8 latents (f = 4)
-    ).eval()
+    import torch
+
+    ref, ours = reference_vae()
     ref.enable_tiling()
-    ours = AutoencoderKL(VAEConfig(**TINY), rngs=nnx.Rngs(0))
-    load_torch_state(ours, ref.state_dict())
     x = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (1, 56, 80, 3), minval=-1, maxval=1))
     z = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (1, 14, 20, 4)))
     with torch.no_grad():
