@@ -1,11 +1,12 @@
 """benchmarks/bench.py runs end to end at the tiny size on the CPU and writes its table; its verdicts on
 the issue's targets (judged only for SD1.5 on a GPU) follow from the measures.
 
-The end-to-end test is a smoke test: 2 sampler steps, 1 timed rep per measure, no new-process measures (each would start
-Python, jax and torch again; tests/test_speed.py covers the persistent cache they time), XLA's cheapest
-code generation and one torch thread, so it compiles fast and leaves the CPU to itself. No timing is
-asserted; the table must hold a number for sdjax and for diffusers in every row, and the same-weights
-check between them must hold at float32.
+The end-to-end test is a smoke test: 2 sampler steps, 1 timed rep per measure, no new-process measures
+(each would start Python, jax and torch again; tests/test_speed.py covers the persistent cache they
+time), XLA's cheapest code generation and one torch thread, so it compiles fast and leaves the CPU to
+itself. No timing is asserted; the table must hold a number for sdjax and for diffusers in every row,
+and the same-weights check between them must hold at float32. The verdict tests feed made-up timings
+to the report's functions.
 """
 
 import importlib.util
