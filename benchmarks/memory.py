@@ -53,10 +53,11 @@ import jax.numpy as jnp
 import jaxlib
 from flax import nnx
 
-from sdjax import nn
+from sdjax import attention
+from sdjax.attention import ATTENTION_IMPLEMENTATIONS
 from sdjax.models.unet import UNet2D
 from sdjax.models.vae import AutoencoderKL
-from sdjax.nn import ATTENTION_IMPLEMENTATIONS, set_attention_implementation
+from sdjax.nn import set_attention_implementation
 from sdjax.speed import CONFIGS
 
 DEFAULT_SIZES = "512x512,512x1024,1024x1024"
@@ -248,8 +249,8 @@ def report(args, results: list[Measured], params: dict[str, int]) -> str:
         "model": f"`{args.size}` (sdjax.speed.CONFIGS), parameters: "
         + ", ".join(f"{k} {v / 1e6:.4g} M" for k, v in params.items()),
         "dtype / attention": f"{args.dtype} weights and activations / '{args.attention}', XLA's path with "
-        + ("all scores at once" if nn.MAX_ATTENTION_SCORES is None else
-           f"at most {nn.MAX_ATTENTION_SCORES:,} scores at once (query chunks)"),
+        + ("all scores at once" if attention.MAX_ATTENTION_SCORES is None else
+           f"at most {attention.MAX_ATTENTION_SCORES:,} scores at once (query chunks)"),
         "inputs": f"UNet: batch 2 (one CFG pair), {TEXT_TOKENS}-token context; VAE: 1 image, float32 latents; "
         f"training step: {train}",
         "caveat": caveat(device.platform, args.attention, args.dtype),
@@ -298,7 +299,7 @@ def parse_args(argv=None):
     parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto")
     parser.add_argument(
         "--whole-attention", action="store_true",
-        help="XLA's attention with all scores at once (sdjax.nn.MAX_ATTENTION_SCORES = None), not in query chunks",
+        help="XLA's attention with all scores at once (attention.MAX_ATTENTION_SCORES = None), not in query chunks",
     )  # fmt: skip
     parser.add_argument("--out", help="also write the report here (default: print only)")
     args = parser.parse_args(argv)
@@ -322,14 +323,14 @@ class Report:
 
 def main(argv=None) -> Report:
     args = parse_args(argv)
-    bound = nn.MAX_ATTENTION_SCORES
+    bound = attention.MAX_ATTENTION_SCORES
     try:
         if args.whole_attention:
-            nn.MAX_ATTENTION_SCORES = None
+            attention.MAX_ATTENTION_SCORES = None
         results, params = measure_all(args)
         text = report(args, results, params)
     finally:
-        nn.MAX_ATTENTION_SCORES = bound
+        attention.MAX_ATTENTION_SCORES = bound
     if args.out:
         Path(args.out).write_text(text)
     print(text)

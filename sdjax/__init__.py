@@ -1,28 +1,56 @@
 """sdjax: Stable Diffusion from scratch in JAX/Flax (NNX), taught through notebooks.
 
-Modules, in the order the learning path meets them:
+Modules, in the order the learning path meets them (``import sdjax.X`` loads X and what it needs, no more;
+``sdjax.StableDiffusion`` imports the pipeline on first use):
 
-    sdjax.nn         building blocks (ResnetBlock, Downsample, Upsample, SelfAttention, embeddings)
-    sdjax.data       offline datasets (shapes, digits), Hugging Face loader, batching, sharding
-    sdjax.train      the shared training loop: jitted step, EMA, checkpoints, data parallelism
-    sdjax.models     Autoencoder, AutoencoderKL (the VAE of notebook 02 and of Stable Diffusion), UNet2D
-                     (pixel DDPM and SD's text-conditioned UNet), CLIPTextModel (SD's text encoder)
-    sdjax.schedulers noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
-    sdjax.diffusion  the diffusion training loss and the sampling loops (compiled and step by step)
-    sdjax.samplers   eight samplers behind one interface (DDPM, DDIM, PLMS, Euler, Euler a, DPM++ 2M, LMS, Heun)
-    sdjax.pretrained small trained models shipped with sdjax, and the recipes that made them
-    sdjax.metrics    sample quality: nearest real images, held-out share, coverage
-    sdjax.viz        grids, loss curves, latent-space pictures
-    sdjax.tokenizer  CLIP's byte-level BPE tokenizer
-    sdjax.convert    Stable Diffusion weights in and out: diffusers folders, CompVis single files
-    sdjax.pipeline   StableDiffusion: text to image (encode the prompt, denoise with guidance, decode),
-                     image to image (SDEdit) and inpainting
-    sdjax.exercises  checks for the notebooks' exercises
-    sdjax.io         safetensors save/load of pytrees and models
+    sdjax.nn            the building blocks: ResnetBlock, Down/Upsample, attention layers, the transformer
+    sdjax.attention     which kernel computes attention (cuDNN or XLA) and how it fits in memory
+    sdjax.data          offline datasets (shapes, digits), Hugging Face datasets, shuffled batches
+    sdjax.devices       data parallelism: a batch split over the local devices
+    sdjax.train         the shared training loop: jitted step, EMA, checkpoints
+    sdjax.io            safetensors save/load of pytrees and models
+    sdjax.models        Autoencoder, AutoencoderKL (the VAE), UNet2D (pixel DDPM and SD), CLIPTextModel
+    sdjax.viz           grids, loss curves, latent-space pictures
+    sdjax.interpolate   lerp and slerp between latents
+    sdjax.schedulers    noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
+    sdjax.samplers      eight samplers as small classes (DDPM, DDIM, PLMS, Euler, Euler a, DPM++ 2M, LMS, Heun)
+    sdjax.chain         the denoising loop every model samples with (compiled, or step by step)
+    sdjax.diffusion     the diffusion training loss; sampling a pixel model
+    sdjax.pretrained    small trained models shipped with sdjax, and the recipes that made them
+    sdjax.probe         the attribute probe that reads what a shapes image shows
+    sdjax.metrics       sample quality: nearest real images, held-out share, coverage, IoU
+    sdjax.tokenizer     CLIP's byte-level BPE tokenizer
+    sdjax.prompts       prompts to text-encoder contexts
+    sdjax.components    the networks, tokenizer and schedule of one checkpoint
+    sdjax.convert       weights in and out: PyTorch names and layouts, diffusers folders, sdjax folders
+    sdjax.compvis       CompVis single-file checkpoints (.ckpt/.safetensors)
+    sdjax.latents       pixels ↔ latents through the VAE, whole or tiled
+    sdjax.images        images, masks and latents a user passes in, checked
+    sdjax.img2img       image to image (SDEdit) and inpainting: where the chain starts, what it keeps
+    sdjax.pipeline      StableDiffusion: text to image, image to image, inpainting
+    sdjax.tiny_sd       the small text-to-image model trained from scratch and bundled with sdjax
+    sdjax.lora          LoRA layers and files (diffusers/peft and kohya)
+    sdjax.textual_inversion  learned token embeddings (diffusers and AUTOMATIC1111 files)
+    sdjax.adapters      LoRA and textual inversion as pipeline methods
+    sdjax.finetune      LoRA, textual inversion, DreamBooth and full fine-tuning
+    sdjax.speed         the compilation cache, compile counting, random SD-size weights
+    sdjax.exercises     checks for the notebooks' exercises
+    sdjax.editions      student editions of the notebooks (solutions out, reference figures kept)
+    sdjax.notebook      the notebooks' first cell: quick/full mode, online/offline
+    sdjax.cli           the ``sdjax`` command (training, conversion, student editions)
+    sdjax.txt2img       ``sdjax txt2img`` / ``img2img``: CompVis's flags, numbered files, PNG metadata
 """
-
-from sdjax.pipeline import StableDiffusion
 
 __version__ = "0.1.0"
 
 __all__ = ["StableDiffusion"]
+
+
+def __getattr__(name: str):
+    """``sdjax.StableDiffusion`` imports the pipeline on first use, so that ``import sdjax.nn`` (or any
+    other module) loads only what that module needs."""
+    if name == "StableDiffusion":
+        from sdjax.pipeline import StableDiffusion
+
+        return StableDiffusion
+    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")

@@ -3,7 +3,7 @@
     sdjax train-ae --model vae --dataset shapes --steps 2000 --out runs/vae
     sdjax train-ddpm --out runs/ddpm
     sdjax convert SRC DST [--to sdjax|diffusers|compvis]
-    sdjax strip-solutions notebooks/ exercises/
+    sdjax strip-solutions notebooks notebooks/exercises                 # the student editions
     sdjax txt2img --prompt "a small green star on a black background"     # the bundled tiny model
     sdjax txt2img --ckpt MODEL --prompt "a red bicycle" [--n_samples 4 --n_iter 2 --plms ...]
     sdjax img2img --ckpt MODEL --init-img sketch.png --prompt "a red bicycle" [--strength 0.75 ...]
@@ -28,29 +28,8 @@ then take them with ``--lora PATH[:SCALE]`` and ``--embedding PATH``. Without ``
 ``convert`` reads Stable Diffusion weights from a diffusers folder, a CompVis single file or an
 sdjax folder, and writes them in any of the three layouts (see ``sdjax.convert``).
 
-Without ``--ckpt``, ``txt2img`` and ``img2img`` run the tiny model that ships inside the package
-(``sdjax/weights/tiny-sd-shapes``, :mod:`sdjax.tiny_sd`: 64-px images of the ``shapes`` captions) and
-say so. ``txt2img`` and ``img2img`` take the flags of CompVis's ``scripts/txt2img.py``/``img2img.py`` and
-write what they do: ``OUTDIR/samples/00000.png``… (numbering on from the files already there) and
-``OUTDIR/grid-0000.png``…, a grid with ``--n_rows`` images per row (CompVis passes it as
-torchvision's ``nrow``), one batch of ``--n_samples`` images per row by default. The run makes
-``--n_iter`` rounds over the prompts, one batch of ``--n_samples`` images of one prompt each (CompVis
-packs ``--from-file`` prompts n_samples to a batch instead; one prompt per batch lets a single call
-redraw any sample). Batch b of the run (from 0) is drawn with seed ``--seed`` + b, its image i
-from ``fold_in(PRNGKey(seed + b), i)`` (:class:`sdjax.StableDiffusion`).
-
-Every PNG records how it was made in text chunks: prompt, negative_prompt, seed, index, batch_size,
-sampler, steps, scale, eta, size (W×H), model, dtype, sdjax_version (img2img adds init_image and
-strength; the grid lists its prompts, one per line, and the run's first seed), and all of it as one
-AUTOMATIC1111-style ``parameters`` text. A sample is regenerated exactly by repeating its batch::
-
-    pipe = StableDiffusion.from_pretrained(model, dtype=dtype)
-    w, h = size.split("x")
-    pipe(prompt, negative_prompt=negative_prompt, height=int(h), width=int(w), num_inference_steps=steps,
-         guidance_scale=scale, scheduler=sampler, eta=eta, seed=seed, num_images_per_prompt=batch_size)[index]
-
-and an img2img sample by ``pipe.img2img(prompt, image, strength=strength, …)[index]`` with the same
-arguments but height and width, ``image`` the init image resized to ``size`` with ``Image.LANCZOS``.
+``txt2img`` and ``img2img`` (:mod:`sdjax.txt2img`) take the flags of CompVis's scripts and write numbered PNGs
+that record how they were made.
 """
 
 from __future__ import annotations
@@ -58,9 +37,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import re
 import sys
 from pathlib import Path
+
+from sdjax import txt2img
 
 
 def _load_dataset(name: str, resolution: int, num_images: int, seed: int):
@@ -150,8 +130,9 @@ def train_ddpm(args: argparse.Namespace) -> int:
     import jax
 
     from sdjax import pretrained, viz
-    from sdjax.diffusion import Sampler, sample
+    from sdjax.diffusion import sample
     from sdjax.nn import count_params
+    from sdjax.samplers import DDIM
 
     recipe = pretrained.RECIPES[args.recipe]
     steps, num_images = (min(recipe.steps, 10), 512) if args.quick else (args.steps or recipe.steps, None)
@@ -175,13 +156,11 @@ def train_ddpm(args: argparse.Namespace) -> int:
             "date": datetime.date.today().isoformat(),
         },
     )
-    r = recipe.resolution
-    images = sample(
-        result.ema_model, recipe.schedule, jax.random.PRNGKey(0), (64, r, r, 3), sampler=Sampler("ddim", 50)
-    )
+    r, (n, sampler) = recipe.resolution, ((16, DDIM(10)) if args.quick else (64, DDIM(50)))
+    images = sample(result.ema_model, recipe.schedule, jax.random.PRNGKey(0), (n, r, r, 3), sampler=sampler)
     viz.save_grid(out / "samples.png", images, nrow=16)
     print(f"step {steps}: mean loss of the last 200 steps {loss:.4f}; {minutes:.1f} min")
-    print(f"wrote {weights} and {out / 'samples.png'} (EMA weights, DDIM 50 steps)")
+    print(f"wrote {weights} and {out / 'samples.png'} (EMA weights, {n} samples, DDIM {sampler.steps} steps)")
     return 0
 
 
@@ -203,235 +182,40 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def strip_solutions(args: argparse.Namespace) -> int:
-    from sdjax.exercises import strip_notebook
+    """Write the student edition of each notebook (``sdjax.editions.student_edition``), or with ``--check`` only
+    compare them with the ones already written: exit status 1 if any is missing or out of date."""
+    import json
+
+    from sdjax.editions import student_edition, write_notebook
 
     src, dst = Path(args.src), Path(args.dst)
     notebooks = sorted(src.glob("*.ipynb")) if src.is_dir() else [src]
     if not notebooks:
         print(f"no notebooks found at {src}", file=sys.stderr)
         return 1
+    stale = []
     for nb in notebooks:
         target = dst / nb.name if src.is_dir() or dst.suffix != ".ipynb" else dst
-        print(f"{nb} → {target}: {strip_notebook(nb, target)} exercise cells stripped")
-    return 0
-
-
-# sdjax sampler → the name AUTOMATIC1111's web UI gives it in a "parameters" text
-A1111_SAMPLERS = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "plms": "PLMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "lms": "LMS",
-    "heun": "Heun",
-}
-COMPVIS_PROMPT = "a painting of a virus monster playing guitar"  # txt2img.py's default
-BUNDLED_PROMPT = "a large red circle at the top left and a small blue star at the bottom right on a white background"
-PRECISIONS = {"full": "float32", "autocast": "bfloat16"}  # CompVis's --precision → the networks' dtype
-SAMPLE_NAME, GRID_NAME = r"(\d{5})\.png", r"grid-(\d{4})\.png"  # outdir/samples/00000.png, outdir/grid-0000.png
-
-
-def _checked_settings(args: argparse.Namespace) -> tuple[list[str], str]:
-    """The prompts and the sampler of a txt2img/img2img run, after the checks that need no model."""
-    from sdjax.samplers import SAMPLERS
-
-    if args.ckpt is None:
-        from sdjax.tiny_sd import BUNDLE
-
-        if not (BUNDLE / "sdjax.safetensors").is_file():
-            raise FileNotFoundError(
-                f"no --ckpt given and the bundled model is missing from {BUNDLE} (a broken install?): "
-                "reinstall sdjax, or pass --ckpt a diffusers folder, an sdjax folder or a CompVis file"
-            )
-        args.ckpt = str(BUNDLE)
+        edition = student_edition(nb, target)
+        names = ", ".join(e.name for e in edition.exercises) or "none"
+        if args.check:
+            current = target.exists() and json.loads(target.read_text(encoding="utf-8")) == edition.notebook
+            print(f"{target}: {'up to date' if current else 'OUT OF DATE'} (from {nb}; exercises: {names})")
+            stale += [] if current else [target]
+            continue
+        write_notebook(edition.notebook, target)
         print(
-            f"no --ckpt: using the bundled tiny model ({BUNDLE}), 64-px images of coloured shapes, trained from "
-            "scratch by sdjax.tiny_sd. For real Stable Diffusion pass --ckpt (notebooks/05_stable_diffusion.ipynb)."
+            f"{nb} → {target}: exercises {names}; cells with solutions stripped: {edition.stripped}, exercise and "
+            f"check cells cleared: {edition.cleared}, the other cells' outputs kept"
         )
-        if args.prompt is None:
-            args.prompt = BUNDLED_PROMPT
-    if args.prompt is None:
-        args.prompt = COMPVIS_PROMPT
-    for flag in ("n_samples", "n_iter", "ddim_steps", "n_rows"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    sampler = args.sampler or ("plms" if args.plms else "ddim")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    if args.ddim_eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"--ddim_eta is DDIM's; the {sampler} sampler has none (leave it at 0 or use --sampler ddim)")
-    if args.from_file is None:
-        return [args.prompt], sampler
-    path = Path(args.from_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such prompt file: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts: expected one prompt per line")
-    return prompts, sampler
-
-
-def _load_pipeline(args: argparse.Namespace):
-    import time
-
-    import jax
-
-    from sdjax import StableDiffusion
-    from sdjax.nn import set_attention_implementation
-    from sdjax.speed import enable_compilation_cache
-
-    if jax.config.jax_compilation_cache_dir is None:  # (JAX_COMPILATION_CACHE_DIR, if set, is kept)
-        enable_compilation_cache()  # a second run of the same shapes loads its compiled programs from disk
-    start = time.perf_counter()
-    pipe = StableDiffusion.from_pretrained(args.ckpt, dtype=PRECISIONS[args.precision])
-    if args.attention != "auto":
-        set_attention_implementation(pipe.unet, args.attention)
-        set_attention_implementation(pipe.vae, args.attention)
-    if args.vae_tiling is not None:
-        pipe.enable_vae_tiling(args.vae_tiling or None)
-    print(
-        f"loaded {args.ckpt} ({pipe.components.version.upper()}, {PRECISIONS[args.precision]}) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
-    return pipe
-
-
-def _next_number(folder: Path, pattern: str) -> int:
-    """One past the highest number of the files in ``folder`` whose names fullmatch ``pattern``."""
-    numbers = [int(m[1]) for p in folder.glob("*") if (m := re.fullmatch(pattern, p.name))]
-    return max(numbers, default=-1) + 1
-
-
-def _parameters(meta: dict[str, str]) -> str:
-    """``meta`` as AUTOMATIC1111's web UI writes it (its "PNG info"): prompt, negative prompt, settings."""
-    lines = [meta["prompt"]]
-    if meta["negative_prompt"]:
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    settings = {
-        "Steps": meta["steps"],
-        "Sampler": A1111_SAMPLERS[meta["sampler"]],
-        "CFG scale": meta["scale"],
-        "Seed": meta["seed"],
-        "Size": meta["size"],
-        "Model": Path(meta["model"]).stem,
-        "Batch size": meta["batch_size"],
-    }
-    if "index" in meta:
-        settings["Batch pos"] = meta["index"]
-    if "strength" in meta:
-        settings["Denoising strength"] = meta["strength"]
-    if float(meta["eta"]):
-        settings["Eta DDIM"] = meta["eta"]
-    settings["Version"] = f"sdjax {meta['sdjax_version']}"
-    return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in settings.items())])
-
-
-def _png_info(meta: dict[str, str]):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in (meta | {"parameters": _parameters(meta)}).items():
-        info.add_text(key, value)  # text outside Latin-1 goes in an iTXt chunk instead
-    return info
-
-
-def _generate(args: argparse.Namespace, prompts: list[str], draw, run: dict[str, str]) -> int:
-    """The loop txt2img and img2img share: ``--n_iter`` rounds over the prompts, one batch of
-    ``draw(prompt, seed)`` (``--n_samples`` PIL images) per prompt and round, each saved with its
-    metadata (``run`` plus its own prompt, seed and place in the batch), then the grid."""
-    import textwrap
-    import time
-
-    import numpy as np
-    from PIL import Image
-
-    from sdjax import viz
-
-    outdir, sample_dir = Path(args.outdir), Path(args.outdir) / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    number = _next_number(sample_dir, SAMPLE_NAME)
-    batches = [prompt for _ in range(args.n_iter) for prompt in prompts]
-    saved, images = [], []
-    for b, prompt in enumerate(batches):
-        seed = args.seed + b
-        start = time.perf_counter()
-        batch = draw(prompt, seed)
-        elapsed = time.perf_counter() - start
+    if stale:
         print(
-            f"batch {b + 1}/{len(batches)}: {len(batch)} × {textwrap.shorten(prompt, 50)!r}, seed {seed}, "
-            f"{elapsed:.1f} s{' (compiling included)' if b == 0 else ''}"
+            f"{len(stale)} student edition{'s' * (len(stale) > 1)} missing or out of date: "
+            f"run `sdjax strip-solutions {args.src} {args.dst}` and commit the result",
+            file=sys.stderr,
         )
-        if not args.skip_save:
-            for index, image in enumerate(batch):
-                meta = {"prompt": prompt, "seed": str(seed), "index": str(index)} | run
-                path = sample_dir / f"{number + len(saved):05}.png"
-                image.save(path, pnginfo=_png_info(meta))
-                saved.append(path)
-        images += batch
-    if saved:
-        print(f"wrote {len(saved)} images to {sample_dir}: {saved[0].name} … {saved[-1].name}")
-    if not args.skip_grid:
-        grid = viz.make_grid(np.stack(images) / 127.5 - 1, nrow=args.n_rows or args.n_samples)  # uint8 → [−1, 1]
-        path = outdir / f"grid-{_next_number(outdir, GRID_NAME):04}.png"
-        meta = {"prompt": "\n".join(prompts), "seed": str(args.seed)} | run
-        Image.fromarray(grid).save(path, pnginfo=_png_info(meta))
-        print(f"wrote the grid {path}")
+        return 1
     return 0
-
-
-def _run_metadata(args: argparse.Namespace, sampler: str, width: int, height: int) -> dict[str, str]:
-    """What every PNG of a run records, besides its prompt, seed and index."""
-    from sdjax import __version__
-
-    return {
-        "negative_prompt": args.negative_prompt,
-        "batch_size": str(args.n_samples),
-        "sampler": sampler,
-        "steps": str(args.ddim_steps),
-        "scale": str(args.scale),
-        "eta": str(args.ddim_eta),
-        "size": f"{width}x{height}",
-        "model": args.ckpt,
-        "dtype": PRECISIONS[args.precision],
-        "sdjax_version": __version__,
-    }
-
-
-def txt2img(args: argparse.Namespace) -> int:
-    prompts, sampler = _checked_settings(args)
-    pipe = _load_pipeline(args)
-    _add_finetuned(args, pipe)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = args.H or native, args.W or native
-
-    def draw(prompt: str, seed: int) -> list:
-        return pipe(
-            prompt,
-            negative_prompt=args.negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=args.ddim_steps,
-            guidance_scale=args.scale,
-            scheduler=sampler,
-            seed=seed,
-            num_images_per_prompt=args.n_samples,
-            output_type="pil",
-            eta=args.ddim_eta,
-        )
-
-    return _generate(args, prompts, draw, _run_metadata(args, sampler, width, height))
-
-
-def _add_finetuned(args: argparse.Namespace, pipe) -> None:
-    """--embedding and --lora: what fine-tuning made, added to the loaded model."""
-    for path in args.embedding or []:
-        print(f"textual inversion {path}: added {', '.join(pipe.load_textual_inversion(path))}")
-    if args.lora:
-        path, _, scale = args.lora.rpartition(":") if re.fullmatch(r".+:[0-9.]+", args.lora) else (args.lora, "", "1")
-        report = pipe.load_lora(path, scale=float(scale))
-        print(f"LoRA {path} ({report['format']} layout) at strength {float(scale):g}")
 
 
 def _finetune(args: argparse.Namespace, method: str) -> int:
@@ -524,117 +308,6 @@ def _finetune_arguments(p: argparse.ArgumentParser, out: str, steps: int, format
     p.add_argument("--seed", type=int, default=0)
 
 
-def _read_init_image(path: str | None):
-    from PIL import Image
-
-    if path is None:
-        raise ValueError("--init-img is required: the image to start from")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such init image: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"{path} could not be read as an image ({e})") from e
-
-
-def _fit(image, multiple: int):
-    """``image`` cut down to sides that are multiples of ``multiple`` (64 for SD), resized as CompVis does."""
-    from PIL import Image
-
-    w, h = image.size
-    size = (w - w % multiple, h - h % multiple)
-    if 0 in size:
-        raise ValueError(f"the init image is {w}×{h}; this model needs sides of at least {multiple} pixels")
-    if size != image.size:
-        print(f"init image {w}×{h} resized to {size[0]}×{size[1]} (this model takes multiples of {multiple})")
-        image = image.resize(size, Image.LANCZOS)
-    return image
-
-
-def img2img(args: argparse.Namespace) -> int:
-    if not 0.0 < args.strength <= 1.0:
-        raise ValueError(
-            f"--strength must be in (0, 1] (near 0 keeps the init image, 1 redraws it), got {args.strength}"
-        )
-    prompts, sampler = _checked_settings(args)
-    image = _read_init_image(args.init_img)
-    pipe = _load_pipeline(args)
-    _add_finetuned(args, pipe)
-    image = _fit(image, pipe.size_multiple)
-
-    def draw(prompt: str, seed: int) -> list:
-        return pipe.img2img(
-            prompt,
-            image,
-            strength=args.strength,
-            negative_prompt=args.negative_prompt,
-            num_inference_steps=args.ddim_steps,
-            guidance_scale=args.scale,
-            scheduler=sampler,
-            seed=seed,
-            num_images_per_prompt=args.n_samples,
-            output_type="pil",
-            eta=args.ddim_eta,
-        )
-
-    run = _run_metadata(args, sampler, *image.size) | {"init_image": args.init_img, "strength": str(args.strength)}
-    return _generate(args, prompts, draw, run)
-
-
-def _generation_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
-    """The flags txt2img and img2img share, with CompVis's names and defaults."""
-    from sdjax.samplers import SAMPLERS
-
-    p.add_argument(
-        "--prompt", help=f"the prompt to render (default: {BUNDLED_PROMPT!r} for the bundled model, else CompVis's)"
-    )
-    p.add_argument("--negative_prompt", default="", help="what to steer away from (default: none)")
-    p.add_argument("--from-file", metavar="FILE", help="prompts, one per line (instead of --prompt)")
-    p.add_argument(
-        "--ckpt",
-        metavar="PATH",
-        help="the model: a diffusers folder, an sdjax folder or a CompVis file (default: the bundled tiny model)",
-    )
-    p.add_argument("--outdir", metavar="DIR", default=outdir, help="where samples/ and the grids go (%(default)s)")
-    p.add_argument("--skip_grid", action="store_true", help="do not save a grid")
-    p.add_argument("--skip_save", action="store_true", help="do not save the individual samples")
-    p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps, whatever the sampler (%(default)s)")
-    p.add_argument("--plms", action="store_true", help="sample with PLMS instead of DDIM")
-    p.add_argument("--sampler", metavar="NAME", help=f"one of {', '.join(SAMPLERS)}; overrides --plms (default: ddim)")
-    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM's η (0: deterministic); ddim only")
-    p.add_argument("--n_iter", type=int, default=1, help="batches per prompt (%(default)s)")
-    p.add_argument("--n_samples", type=int, default=1, help="images per batch (%(default)s)")
-    p.add_argument("--n_rows", type=int, default=None, help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (%(default)s)")
-    p.add_argument(
-        "--seed", type=int, default=42, help="batch b of the run (from 0) is drawn with seed + b (%(default)s)"
-    )
-    p.add_argument(
-        "--precision",
-        choices=sorted(PRECISIONS),
-        default="autocast",
-        help="full: float32; autocast: bfloat16 (%(default)s)",
-    )
-    p.add_argument(
-        "--attention",
-        choices=["auto", "xla", "cudnn"],
-        default="auto",
-        help="attention kernel: cuDNN's fused one on a GPU in bf16/fp16 (auto), or XLA's everywhere (%(default)s)",
-    )
-    p.add_argument(
-        "--vae-tiling",
-        type=int,
-        nargs="?",
-        const=0,
-        metavar="PIXELS",
-        help="encode/decode images larger than PIXELS (default: the model's size, 512 for SD) in overlapping "
-        "tiles: the VAE's memory of one tile, tiny seams",
-    )
-    p.add_argument("--lora", metavar="PATH[:SCALE]", help="a LoRA file (diffusers or kohya) at strength SCALE (1)")
-    p.add_argument("--embedding", metavar="PATH", action="append", help="a textual-inversion embedding (repeatable)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion from scratch in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -674,35 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("strip-solutions", help="write learners' copies of notebooks with exercise solutions removed")
     p.add_argument("src", help="a notebook or a folder of notebooks")
     p.add_argument("dst", help="output notebook or folder")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a copy in DST is out of date")
     p.set_defaults(func=strip_solutions)
 
-    saved = (
-        "Writes DIR/samples/00000.png… and DIR/grid-0000.png…, numbering on from the files there; every PNG "
-        "records its prompt, seed and settings in text chunks, enough to regenerate it."
-    )
-    p = sub.add_parser(
-        "txt2img",
-        help="text to image with a Stable Diffusion model (CompVis's scripts/txt2img.py)",
-        description=f"Text to image, with the flags of CompVis's scripts/txt2img.py. {saved}",
-    )
-    _generation_arguments(p, "outputs/txt2img-samples")
-    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, 512 for SD1.x)")
-    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.set_defaults(func=txt2img)
-
-    p = sub.add_parser(
-        "img2img",
-        help="redraw an image after a prompt (CompVis's scripts/img2img.py)",
-        description=f"Image to image (SDEdit), with the flags of CompVis's scripts/img2img.py. {saved}",
-    )
-    _generation_arguments(p, "outputs/img2img-samples")
-    p.add_argument(
-        "--init-img", metavar="PATH", help="the image to start from (required); resized to multiples of 64 px for SD"
-    )
-    p.add_argument(
-        "--strength", type=float, default=0.75, help="in (0, 1]: near 0 keeps the image, 1 redraws it (%(default)s)"
-    )
-    p.set_defaults(func=img2img)
+    txt2img.add_commands(sub)
 
     p = sub.add_parser("train-lora", help="teach a model a subject or style from a few images with LoRA (notebook 07)")
     _finetune_arguments(p, "lora.safetensors", 300, ["diffusers", "kohya"])
@@ -735,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
             return 2
-    if args.func not in (txt2img, img2img):
+    if args.func not in (txt2img.txt2img, txt2img.img2img):
         return args.func(args)
     try:
         return args.func(args)

@@ -31,7 +31,8 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from sdjax.io import _path_str, flatten, read, save_tree, unflatten_like
+from sdjax.components import Components
+from sdjax.io import check_fit, flatten, path_str, read, save_tree, unflatten_like
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -84,11 +85,6 @@ def to_torch_layout(path: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _listing(names: list[str], limit: int = 5) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def load_state_dict(module: nnx.Module, state_dict: dict[str, np.ndarray], *, source: str = "checkpoint") -> None:
     """Copy a PyTorch-named, PyTorch-layout ``state_dict`` (numpy arrays) into ``module``, in place.
 
@@ -98,28 +94,16 @@ def load_state_dict(module: nnx.Module, state_dict: dict[str, np.ndarray], *, so
     """
     template = nnx.state(module, nnx.Param)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    paths = [_path_str(path) for path, _ in leaves]
+    paths = [path_str(path) for path, _ in leaves]
     names = [torch_name(p) for p in paths]
-    missing = sorted(n for n in names if n not in state_dict)
-    unexpected = sorted(set(state_dict) - set(names) - {k for k in state_dict if k.endswith(IGNORED_SUFFIXES)})
-    mismatched = []
-    for name, path, (_, leaf) in zip(names, paths, leaves):
-        want = to_torch_layout(path, np.empty(leaf.shape, np.uint8)).shape
-        if name in state_dict and tuple(state_dict[name].shape) != want:
-            mismatched.append(f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {want}")
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensors missing ({_listing(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors ({_listing(unexpected)})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({_listing(mismatched, 3)})")
-    if problems:
-        raise ValueError(
-            f"{source} does not fit {type(module).__name__}: "
-            + "; ".join(problems)
-            + ". Is it a checkpoint of this model, with the config the model was built from?"
-        )
+    check_fit(
+        {n: to_torch_layout(p, np.empty(leaf.shape, np.uint8)).shape for n, p, (_, leaf) in zip(names, paths, leaves)},
+        {n: np.shape(a) for n, a in state_dict.items()},
+        source=source,
+        target=type(module).__name__,
+        hint="Is it a checkpoint of this model, with the config the model was built from?",
+        ignored=IGNORED_SUFFIXES,
+    )
     arrays = [
         jnp.asarray(to_sdjax_layout(path, np.asarray(state_dict[name])), dtype=leaf.dtype)
         for name, path, (_, leaf) in zip(names, paths, leaves)
@@ -225,43 +209,6 @@ WEIGHT_FILES = (  # in order of preference: safetensors first, then pickles
 )
 
 
-@dataclasses.dataclass
-class Components:
-    """The components of one Stable Diffusion checkpoint: its networks as sdjax modules, its tokenizer
-    and its noise schedule (what a sampling pipeline is built from).
-
-    ``version`` is "sd1" or "sd2", told apart by the text encoder: OpenAI's CLIP ViT-L/14 (SD1,
-    quick_gelu) or OpenCLIP's ViT-H/14 (SD2, exact gelu). In a single file the tensors' names say it
-    (:func:`detect_version`).
-
-    ``scheduler_config`` is a diffusers folder's ``scheduler_config.json`` as read (its ``_class_name``
-    and options such as ``use_karras_sigmas`` say which sampler the checkpoint ships with); None for
-    the layouts that do not record one.
-    """
-
-    unet: UNet2D
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    schedule: NoiseSchedule
-    scheduler_config: dict | None = None
-
-    @property
-    def version(self) -> str:
-        return "sd2" if self.text_encoder.config.hidden_act == "gelu" else "sd1"
-
-    def astype(self, dtype) -> Components:
-        """The same model with its networks' parameters cast to ``dtype`` (e.g. jnp.bfloat16)."""
-        return dataclasses.replace(
-            self, **{name: _cast(getattr(self, name), dtype) for name in ("unet", "vae", "text_encoder")}
-        )
-
-
-def _cast(module: nnx.Module, dtype) -> nnx.Module:
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    return nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params), rest)
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; a diffusers model folder has a config.json beside its weights")
@@ -291,7 +238,7 @@ def _component_state_dict(folder: Path) -> dict[str, np.ndarray]:
 def load_unet(folder: str | os.PathLike) -> UNet2D:
     """A diffusers ``unet/`` folder (config.json + weights) as an sdjax UNet2D."""
     folder = Path(folder)
-    model = _abstract(UNet2D, UNetConfig.from_diffusers(_read_json(folder / "config.json")))
+    model = abstract(UNet2D, UNetConfig.from_diffusers(_read_json(folder / "config.json")))
     load_state_dict(model, _component_state_dict(folder), source=str(folder))
     return model
 
@@ -299,7 +246,7 @@ def load_unet(folder: str | os.PathLike) -> UNet2D:
 def load_vae(folder: str | os.PathLike) -> AutoencoderKL:
     """A diffusers ``vae/`` folder as an sdjax AutoencoderKL."""
     folder = Path(folder)
-    model = _abstract(AutoencoderKL, VAEConfig.from_diffusers(_read_json(folder / "config.json")))
+    model = abstract(AutoencoderKL, VAEConfig.from_diffusers(_read_json(folder / "config.json")))
     load_state_dict(model, _component_state_dict(folder), source=str(folder))
     return model
 
@@ -312,13 +259,13 @@ def load_text_encoder(folder: str | os.PathLike) -> CLIPTextModel:
         raise ValueError(
             f"{folder} holds a {config['architectures']}, not a CLIPTextModel; sdjax loads SD1.x/2.x text encoders"
         )
-    model = _abstract(CLIPTextModel, CLIPTextConfig.from_dict(config))
+    model = abstract(CLIPTextModel, CLIPTextConfig.from_dict(config))
     weights = {k.removeprefix("text_model."): v for k, v in _component_state_dict(folder).items()}
     load_state_dict(model, weights, source=str(folder))
     return model
 
 
-def _abstract(cls, config):
+def abstract(cls, config):
     """A module of ``cls`` whose parameters are not initialised: they are about to be overwritten, and
     initialising 860 M random numbers only to throw them away costs seconds."""
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
@@ -387,284 +334,10 @@ def save_diffusers(sd: Components, folder: str | os.PathLike) -> Path:
     return folder
 
 
-# ---------------------------------------------------------------------------------------------------
-# CompVis single files (the original ``ldm`` layout of SD1.x/2.x .ckpt/.safetensors files)
-# ---------------------------------------------------------------------------------------------------
-#
-# One file holds all three networks under prefixes, with the original latent-diffusion code's names:
-#
-#     model.diffusion_model.*        the UNet:  input_blocks / middle_block / output_blocks
-#     first_stage_model.*            the VAE:   encoder.down[i].block[j] / mid.block_1 / decoder.up[n-1-i] ...
-#     cond_stage_model.transformer.* SD1's text encoder (transformers names)
-#     cond_stage_model.model.*       SD2's text encoder (OpenCLIP names; q, k, v stored as one in_proj)
-#
-# Below, each network's names are derived from its config, as a map from module paths in diffusers'
-# names to module paths in CompVis names; the leaves (weight, bias) are the same on both sides.
-
-UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
-SD1_TEXT_PREFIX, SD2_TEXT_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
-
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
-_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _unet_modules(cfg: UNetConfig) -> dict[str, tuple[str, dict]]:
-    """diffusers module path → (CompVis module path, renames inside it) for a UNet of config ``cfg``.
-
-    CompVis numbers the UNet's layers as one flat list per half: ``input_blocks[0]`` is conv_in, then
-    each level contributes L = layers_per_block (resnet[, attention]) entries and one downsampler;
-    ``output_blocks`` has L + 1 entries per level, the last also holding the upsampler.
-    """
-    n, L = len(cfg.block_out_channels), cfg.layers_per_block
-    attends = lambda kind: "Attn" in kind  # noqa: E731
-    m = {"time_embedding.linear_1": ("time_embed.0", {}), "time_embedding.linear_2": ("time_embed.2", {}),
-         "conv_in": ("input_blocks.0.0", {}), "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {})}  # fmt: skip
-    for i, kind in enumerate(cfg.down_block_types):
-        for j in range(L):
-            k = 1 + i * (L + 1) + j
-            m[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", _UNET_RESNET)
-            if attends(kind):
-                m[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
-        if i < n - 1:
-            m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * (L + 1)}.0.op", {})
-    m["mid_block.resnets.0"] = ("middle_block.0", _UNET_RESNET)
-    m["mid_block.attentions.0"] = ("middle_block.1", {})
-    m["mid_block.resnets.1"] = ("middle_block.2", _UNET_RESNET)
-    for i, kind in enumerate(cfg.up_block_types):
-        for j in range(L + 1):
-            k = i * (L + 1) + j
-            m[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", _UNET_RESNET)
-            if attends(kind):
-                m[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
-        if i < n - 1:
-            m[f"up_blocks.{i}.upsamplers.0.conv"] = (
-                f"output_blocks.{i * (L + 1) + L}.{2 if attends(kind) else 1}.conv",
-                {},
-            )
-    return m
-
-
-def _vae_modules(cfg: VAEConfig) -> dict[str, tuple[str, dict]]:
-    """diffusers module path → (CompVis module path, renames inside it) for an AutoencoderKL.
-
-    The CompVis decoder numbers its levels from the lowest resolution up (``up[n-1]`` runs first),
-    diffusers in the order they run: diffusers ``up_blocks[i]`` is CompVis ``up[n-1-i]``.
-    """
-    n, L = len(cfg.block_out_channels), cfg.layers_per_block
-    m = {"quant_conv": ("quant_conv", {}), "post_quant_conv": ("post_quant_conv", {})}
-    for part in ("encoder", "decoder"):
-        m |= {f"{part}.conv_in": (f"{part}.conv_in", {}), f"{part}.conv_out": (f"{part}.conv_out", {}),
-              f"{part}.conv_norm_out": (f"{part}.norm_out", {}),
-              f"{part}.mid_block.resnets.0": (f"{part}.mid.block_1", _VAE_RESNET),
-              f"{part}.mid_block.attentions.0": (f"{part}.mid.attn_1", _VAE_ATTENTION),
-              f"{part}.mid_block.resnets.1": (f"{part}.mid.block_2", _VAE_RESNET)}  # fmt: skip
-    for i in range(n):
-        for j in range(L):
-            m[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", _VAE_RESNET)
-        for j in range(L + 1):
-            m[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{n - 1 - i}.block.{j}", _VAE_RESNET)
-        if i < n - 1:
-            m[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
-            m[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{n - 1 - i}.upsample.conv", {})
-    return m
-
-
-def _rename(name: str, modules: dict[str, tuple[str, dict]]) -> str:
-    """Translate one diffusers tensor name through a module map (longest matching module path wins)."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:cut])
-        if head in modules:
-            target, inner = modules[head]
-            rest = ".".join(parts[cut:])
-            for old, new in inner.items():
-                if rest.startswith(old + "."):
-                    rest = new + rest[len(old) :]
-                    break
-            return f"{target}.{rest}"
-    return name  # same name on both sides (the transformer blocks inside attentions)
-
-
-_OPENCLIP_RENAMES = (
-    ("encoder.layers.", "transformer.resblocks."),
-    ("layer_norm1", "ln_1"),
-    ("layer_norm2", "ln_2"),
-    ("self_attn.out_proj", "attn.out_proj"),
-    ("mlp.fc1", "mlp.c_fc"),
-    ("mlp.fc2", "mlp.c_proj"),
-)
-
-
-def _openclip_name(name: str) -> str:
-    """transformers CLIP text name → OpenCLIP name (SD2's text encoder), except the q/k/v projections."""
-    name = name.removeprefix("text_model.")
-    fixed = {"embeddings.token_embedding.weight": "token_embedding.weight",
-             "embeddings.position_embedding.weight": "positional_embedding",
-             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}  # fmt: skip
-    if name in fixed:
-        return fixed[name]
-    for old, new in _OPENCLIP_RENAMES:
-        name = name.replace(old, new)
-    return name
-
-
-def to_compvis(sd: Components) -> dict[str, np.ndarray]:
-    """All of ``sd``'s weights in one CompVis-layout state dict (what a single-file checkpoint holds)."""
-    out = {}
-    unet_map, vae_map = _unet_modules(sd.unet.config), _vae_modules(sd.vae.config)
-    for name, w in state_dict(sd.unet).items():
-        out[UNET_PREFIX + _rename(name, unet_map)] = w
-    for name, w in state_dict(sd.vae).items():
-        compvis = _rename(name, vae_map)
-        if ".mid.attn_1." in compvis and w.ndim == 2:
-            w = w[:, :, None, None]  # CompVis stores the VAE attention's projections as 1×1 convolutions
-        out[VAE_PREFIX + compvis] = w
-    text = state_dict(sd.text_encoder)
-    if sd.version == "sd1":
-        out |= {f"{SD1_TEXT_PREFIX}text_model.{k}": w for k, w in text.items()}
-    else:
-        for name, w in text.items():
-            if ".self_attn.q_proj." in name:  # OpenCLIP: in_proj = [W_q; W_k; W_v] stacked on the output axis
-                leaf = name.rsplit(".", 1)[1]
-                qkv = [text[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
-                layer = _openclip_name(name.split(".self_attn.")[0])
-                out[f"{SD2_TEXT_PREFIX}{layer}.attn.in_proj_{leaf}"] = np.concatenate(qkv, axis=0)
-            elif "_proj." not in name or "out_proj" in name:
-                out[SD2_TEXT_PREFIX + _openclip_name(name)] = w
-    return out
-
-
-def _from_compvis(ckpt: dict[str, np.ndarray], unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: CLIPTextConfig):
-    """Split a CompVis state dict into diffusers-named state dicts for the three networks.
-
-    Returns (unet, vae, text, missing): ``missing`` lists the CompVis names the networks need and
-    the file lacks. Tensors the networks do not use (EMA copies, the SD2 text tower's last layer
-    and projection, CLIP's logit scale, training-time buffers such as ``alphas_cumprod`` ...) are
-    left out.
-    """
-    missing = []
-
-    def take(key: str):
-        if key not in ckpt:
-            missing.append(key)
-        return ckpt.get(key)
-
-    unet_map, vae_map = _unet_modules(unet_cfg), _vae_modules(vae_cfg)
-    unet = {d: take(UNET_PREFIX + _rename(d, unet_map)) for d in _names(UNet2D, unet_cfg)}
-    vae = {}
-    for d in _names(AutoencoderKL, vae_cfg):
-        c = VAE_PREFIX + _rename(d, vae_map)
-        w = take(c)
-        vae[d] = w[:, :, 0, 0] if w is not None and ".mid.attn_1." in c and w.ndim == 4 else w
-    text = {}
-    sd2 = any(k.startswith(SD2_TEXT_PREFIX) for k in ckpt)
-    for d in _names(CLIPTextModel, text_cfg):
-        if sd2 and "_proj." in d and "out_proj" not in d:  # q/k/v: a third of the layer's in_proj each
-            layer, rest = d.split(".self_attn.")
-            proj, leaf = rest.split(".")
-            w = take(f"{SD2_TEXT_PREFIX}{_openclip_name(layer)}.attn.in_proj_{leaf}")
-            if w is not None:
-                third = w.shape[0] // 3
-                text[d] = w[("q_proj", "k_proj", "v_proj").index(proj) * third :][:third]
-        elif sd2:
-            text[d] = take(SD2_TEXT_PREFIX + _openclip_name(d))
-        else:  # older SD1 files have no "text_model." level under the prefix
-            old = SD1_TEXT_PREFIX + d
-            text[d] = ckpt[old] if old in ckpt else take(f"{SD1_TEXT_PREFIX}text_model.{d}")
-    drop_missing = lambda sd: {k: v for k, v in sd.items() if v is not None}  # noqa: E731
-    return drop_missing(unet), drop_missing(vae), drop_missing(text), missing
-
-
-def detect_version(ckpt: dict[str, np.ndarray], source: str = "checkpoint") -> str:
-    """ "sd1" or "sd2" from the tensors of a CompVis state dict; ValueError for anything else."""
-    if not any(k.startswith(UNET_PREFIX) for k in ckpt):
-        prefixes = sorted({k.split(".")[0] for k in ckpt})
-        raise ValueError(
-            f"{source} is not a Stable Diffusion 1.x/2.x single-file checkpoint: it has no {UNET_PREFIX}* tensors "
-            f"(top-level names: {_listing(prefixes)}). SDXL, LoRA and VAE-only files are different formats."
-        )
-    if any(k.startswith(SD2_TEXT_PREFIX) for k in ckpt):
-        return "sd2"
-    if any(k.startswith(SD1_TEXT_PREFIX) for k in ckpt):
-        return "sd1"
-    raise ValueError(f"{source} has a UNet but no cond_stage_model.* text encoder; it is not a full SD1.x/2.x file")
-
-
-def unet_in_channels(ckpt: dict[str, np.ndarray], default: int = 4) -> int:
-    """The input channels of a CompVis state dict's UNet, read off its first convolution
-    (``input_blocks.0.0.weight``, (out, in, 3, 3)): 4 for the latents alone, 9 for an inpainting model
-    (latents, mask, masked-image latents). ``default`` when the file lacks that tensor."""
-    weight = ckpt.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    return default if weight is None or weight.ndim != 4 else int(weight.shape[1])
-
-
-def load_single_file(
-    path: str | os.PathLike,
-    *,
-    unet: UNetConfig | None = None,
-    vae: VAEConfig | None = None,
-    text_encoder: CLIPTextConfig | None = None,
-    schedule: NoiseSchedule | None = None,
-    tokenizer: CLIPTokenizer | None = None,
-) -> Components:
-    """A CompVis single-file checkpoint (``.safetensors``, or ``.ckpt`` read with weights_only=True).
-
-    The file says whether it is SD1 or SD2 (OpenCLIP names under ``cond_stage_model.model``); the
-    networks' configs default to that version's (``UNetConfig.sd15()``/``sd2()`` ...), and any of
-    them can be given instead (tiny test models, or a fine-tune of another shape). The UNet's input
-    channels are the file's whatever the config (:func:`unet_in_channels`: 9 for an inpainting model).
-    The file does not say what the UNet predicts: SD1.x, SD2 512-base and SD2 inpainting predict ε,
-    SD2 768-v predicts v — the default for SD2's 4-channel UNets here; pass
-    ``schedule=NoiseSchedule.sd15()`` for an SD2 ε-model.
-    """
-    ckpt = read_state_dict(path)
-    version = detect_version(ckpt, str(path))
-    sd2 = version == "sd2"
-    unet = unet or (UNetConfig.sd2() if sd2 else UNetConfig.sd15())
-    unet = dataclasses.replace(unet, in_channels=unet_in_channels(ckpt, default=unet.in_channels))
-    vae = vae or VAEConfig.sd()
-    text_encoder = text_encoder or (CLIPTextConfig.sd2() if sd2 else CLIPTextConfig.sd1())
-    v_prediction = sd2 and unet.in_channels == vae.latent_channels
-    schedule = schedule or NoiseSchedule.sd15(prediction_type="v_prediction" if v_prediction else "epsilon")
-    tokenizer = tokenizer or CLIPTokenizer.from_bpe_file(pad_token="!" if sd2 else "<|endoftext|>")
-    unet_sd, vae_sd, text_sd, missing = _from_compvis(ckpt, unet, vae, text_encoder)
-    if missing:
-        raise ValueError(
-            f"{path} lacks {len(missing)} tensors a {version.upper()} model with these configs needs "
-            f"({_listing(missing)}). Is the file complete (not truncated, not a pruned/partial export), and are "
-            "the configs right for it?"
-        )
-    models = {}
-    for name, cls, config, weights in (
-        ("unet", UNet2D, unet, unet_sd),
-        ("vae", AutoencoderKL, vae, vae_sd),
-        ("text_encoder", CLIPTextModel, text_encoder, text_sd),
-    ):
-        models[name] = _abstract(cls, config)
-        load_state_dict(models[name], weights, source=f"{path} ({name})")
-    return Components(**models, tokenizer=tokenizer, schedule=schedule)
-
-
-def save_single_file(sd: Components, path: str | os.PathLike) -> Path:
-    """Write ``sd`` as a CompVis single-file ``.safetensors`` (the layout of SD1.x/2.x release files)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: sdjax writes single files as .safetensors only (no pickles); use that suffix")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in to_compvis(sd).items()}, str(path))
-    return path
-
-
-def _names(cls, config) -> list[str]:
-    return list(state_dict_names(_abstract(cls, config)))
-
-
 def state_dict_names(module: nnx.Module) -> list[str]:
     """The PyTorch names of ``module``'s parameters, without touching their values."""
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param))[0]
-    return [torch_name(_path_str(path)) for path, _ in leaves]
+    return [torch_name(path_str(path)) for path, _ in leaves]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -701,9 +374,9 @@ def load_sdjax(folder: str | os.PathLike) -> Components:
     if meta.get("format") != "sdjax-stable-diffusion":
         raise ValueError(f"{folder / SDJAX_FILE} is not an sdjax Stable Diffusion file (written by save_sdjax)")
     models = {
-        "unet": _abstract(UNet2D, UNetConfig.from_diffusers(meta["unet"])),
-        "vae": _abstract(AutoencoderKL, VAEConfig.from_diffusers(meta["vae"])),
-        "text_encoder": _abstract(CLIPTextModel, CLIPTextConfig.from_dict(meta["text_encoder"])),
+        "unet": abstract(UNet2D, UNetConfig.from_diffusers(meta["unet"])),
+        "vae": abstract(AutoencoderKL, VAEConfig.from_diffusers(meta["vae"])),
+        "text_encoder": abstract(CLIPTextModel, CLIPTextConfig.from_dict(meta["text_encoder"])),
     }
     template = {name: nnx.state(m, nnx.Param) for name, m in models.items()}
     template = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), template)  # shapes only; never filled
@@ -720,19 +393,23 @@ def load_sdjax(folder: str | os.PathLike) -> Components:
 
 def load(path: str | os.PathLike, **single_file_options) -> Components:
     """Stable Diffusion from any layout sdjax reads: an sdjax folder, a diffusers folder, or a CompVis
-    single file (``single_file_options`` go to :func:`load_single_file`)."""
+    single file (``single_file_options`` go to :func:`sdjax.compvis.load_single_file`)."""
     path = Path(path)
     if path.is_dir():
         return load_sdjax(path) if (path / SDJAX_FILE).is_file() else load_diffusers(path)
-    return load_single_file(path, **single_file_options)
+    from sdjax import compvis  # (a module that builds on this one)
+
+    return compvis.load_single_file(path, **single_file_options)
 
 
 def save(sd: Components, path: str | os.PathLike, layout: str | None = None) -> Path:
     """Write ``sd`` as ``layout`` "sdjax", "diffusers" or "compvis" (default: compvis for a
     ``.safetensors`` path, sdjax for a folder)."""
+    from sdjax import compvis  # (which builds on this module)
+
     path = Path(path)
     layout = layout or ("compvis" if path.suffix == ".safetensors" else "sdjax")
-    writers = {"sdjax": save_sdjax, "diffusers": save_diffusers, "compvis": save_single_file}
+    writers = {"sdjax": save_sdjax, "diffusers": save_diffusers, "compvis": compvis.save_single_file}
     if layout not in writers:
         raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(writers)}")
     return writers[layout](sd, path)

@@ -12,8 +12,9 @@ drops the full bound's large weights on the nearly noiseless steps, which makes 
 
 Sampling (Algorithm 2, and DDIM, Song et al. 2020, arXiv:2010.02502): start from x_T ∼ N(0, I) and
 apply a reverse step for each timestep of a descending chain — any of the eight samplers of
-:mod:`sdjax.samplers` (DDPM, DDIM, PLMS, Euler, …; default DDIM with 50 steps). Two loops run the
-*same* step function and give the same samples for the same key:
+:mod:`sdjax.samplers` (DDPM, DDIM, PLMS, Euler, …; default DDIM with 50 steps), run by the denoising
+loop of :mod:`sdjax.chain`. Its two loops run the *same* step function and give the same samples for
+the same key:
 
 * :func:`sample` — the whole chain in one ``jax.jit`` with ``lax.scan``: compiled once per
   (model, shape, sampler), then the fastest way to draw images;
@@ -36,12 +37,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sdjax.samplers import SIGMA_SAMPLERS, Plan, Sampler, denoised
-from sdjax.schedulers import NoiseSchedule, predict_x0, q_sample, training_target
+from sdjax import chain as chain_lib
+from sdjax.samplers import DDIM, Chain, Sampler
+from sdjax.schedulers import NoiseSchedule, q_sample, training_target
 
 Array = jax.Array
 
-DEFAULT_SAMPLER = Sampler("ddim", 50)
+DEFAULT_SAMPLER = DDIM(50)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,34 +103,14 @@ def reference_losses(images, schedule: NoiseSchedule) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def model_step(model, schedule: NoiseSchedule, sampler: Sampler, plan: Plan, i, x: Array, state: dict, noise):
-    """Evaluation i of ``sampler``'s chain: run the network on x and take the sampler's step.
-
-    The network runs in whatever dtype its parameters have; the step's arithmetic is float32
-    (:mod:`sdjax.samplers`), and x stays float32 across the chain.
-    Shapes: x, noise (B, H, W, C) float32 (noise None unless ``sampler.needs_noise``); i () int →
-    (x_next, state, x_t, x0_pred), the last two (B, H, W, C) float32: the image the network saw (x on the
-    DDPM scale) and its estimate of x_0 (clipped as the sampler clips it).
-    """
-    x_t = sampler.model_input(plan, i, x)
-    t = jnp.asarray(plan.timesteps)[i]
-    out = model(x_t, jnp.full((x.shape[0],), t)).astype(jnp.float32)
-    if sampler.name in SIGMA_SAMPLERS:
-        x0_pred = denoised(schedule, out, x, jnp.asarray(plan.sigmas)[i])
-    else:
-        x0_pred = predict_x0(schedule, x_t, t.astype(jnp.int32), out)  # (t is integral here)
-    if schedule.clip_sample:
-        x0_pred = jnp.clip(x0_pred, -schedule.clip_sample_range, schedule.clip_sample_range)
-    x, state = sampler.step(schedule, plan, i, out, x, state, noise)
-    return x, state, x_t, x0_pred
+def _pixel_model(model) -> chain_lib.Model:
+    """A pixel UNet as the denoising loop calls a model: ``model(x, t, extra)``, t the same for the batch."""
+    return lambda x, t, extra: model(x, jnp.full((x.shape[0],), t))
 
 
-def step_noise(sampler: Sampler, key: Array, i, shape: tuple[int, ...]) -> Array | None:
-    """z for evaluation i: N(0, I) drawn from ``fold_in(second half of key, i)``; None when the sampler
-    takes none (:attr:`Sampler.needs_noise`)."""
-    if not sampler.needs_noise:
-        return None
-    return jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], i), shape, jnp.float32)
+def step_noise(key: Array, shape: tuple[int, ...]) -> chain_lib.Noise:
+    """The stochastic samplers' z_i: N(0, I) of ``shape`` from ``fold_in(second half of key, i)``."""
+    return chain_lib.noise_from_key(jax.random.split(key)[1], shape)
 
 
 def initial_noise(key: Array, shape: tuple[int, ...]) -> Array:
@@ -136,25 +118,17 @@ def initial_noise(key: Array, shape: tuple[int, ...]) -> Array:
     return jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler"))
-def _sample_scan(graphdef, state, schedule, sampler, plan, x_T, key):
-    model = nnx.merge(graphdef, state)
-
-    def body(carry, i):
-        x, sampler_state = carry
-        noise = step_noise(sampler, key, i, x.shape)
-        x, sampler_state, _, _ = model_step(model, schedule, sampler, plan, i, x, sampler_state, noise)
-        return (x, sampler_state), None
-
-    x = x_T * plan.init_noise_sigma
-    (x, _), _ = jax.lax.scan(body, (x, sampler.init_state(x)), jnp.arange(len(plan.timesteps)))
-    return x
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _sample_scan(graphdef, state, chain: Chain, x_T: Array, key: Array) -> Array:
+    model = _pixel_model(nnx.merge(graphdef, state))
+    return chain_lib.run(model, chain, chain.start(x_T), noise=step_noise(key, x_T.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "sampler"))
-def _sample_one_step(graphdef, state, schedule, sampler, plan, x, sampler_state, key, i):
-    model = nnx.merge(graphdef, state)
-    return model_step(model, schedule, sampler, plan, i, x, sampler_state, step_noise(sampler, key, i, x.shape))
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _sample_one_step(graphdef, state, key: Array, chain: Chain, i, x: Array, sampler_state: dict) -> chain_lib.Step:
+    """One evaluation, as :func:`_sample_scan` runs it."""
+    model = _pixel_model(nnx.merge(graphdef, state))
+    return chain_lib.step(model, chain, i, x, sampler_state, noise=step_noise(key, x.shape))
 
 
 def _start(key, shape, x_T):
@@ -174,17 +148,17 @@ def sample(
     sampler: Sampler = DEFAULT_SAMPLER,
     x_T: Array | None = None,
 ) -> Array:
-    """Draw samples with the whole denoising chain compiled into one ``lax.scan``.
+    """Draw samples with the whole denoising chain compiled into one ``lax.scan`` (:func:`sdjax.chain.run`).
 
     ``sampler``: any of :data:`sdjax.samplers.SAMPLERS` (default DDIM, 50 steps). ``x_T`` (B, H, W, C)
     ∼ N(0, I) overrides the starting noise (otherwise drawn from ``key`` with ``shape``), which lets
     different samplers start from the same point; σ samplers scale it by their ``init_noise_sigma``.
+    The network runs in whatever dtype its parameters have; the chain's arithmetic and x stay float32.
     Returns x_0, (B, H, W, C) float32.
     """
     x_T = _start(key, shape, x_T)
-    plan = jax.tree.map(jnp.asarray, sampler.plan(schedule))
     graphdef, state = nnx.split(model)
-    return _sample_scan(graphdef, state, schedule, sampler, plan, x_T, key)
+    return _sample_scan(graphdef, state, sampler.chain(schedule), x_T, key)
 
 
 @dataclasses.dataclass
@@ -193,7 +167,8 @@ class Trajectory:
 
     samples: x_0, (B, H, W, C). steps: the recorded timesteps t (descending; fractional for σ
     samplers between training steps), and for each, x_t (what the network saw, on the DDPM scale
-    √ᾱ_t x_0 + √(1 − ᾱ_t) ε) and x0_pred (its estimate x̂_0), each (B, H, W, C), on the host.
+    √ᾱ_t x_0 + √(1 − ᾱ_t) ε) and x0_pred (its estimate x̂_0, clipped as the schedule clips it), each
+    (B, H, W, C), on the host.
     """
 
     samples: Array
@@ -213,26 +188,22 @@ def sample_loop(
     record_every: int | None = None,
     progress: bool = True,
 ) -> Trajectory:
-    """Draw samples one step at a time, for teaching: same arguments and samples as :func:`sample`.
+    """Draw samples one step at a time (:func:`sdjax.chain.iterate`), for teaching: same arguments and
+    samples, to the bit, as :func:`sample`.
 
     ``record_every`` = k keeps x_t and x̂_0 of every k-th step and the last one (None: only the last).
     """
-    x = _start(key, shape, x_T)
-    plan = jax.tree.map(jnp.asarray, sampler.plan(schedule))
-    x = x * plan.init_noise_sigma
-    sampler_state = sampler.init_state(x)
+    chain = sampler.chain(schedule)
     graphdef, state = nnx.split(model)
-    traj = Trajectory(samples=x, steps=[], x_t=[], x0_pred=[])
-    ts = np.asarray(plan.timesteps)
-    chain = tqdm(range(len(ts)), desc=f"{sampler.name} {sampler.steps} steps", disable=not progress)
-    for i in chain:
-        x_next, sampler_state, x_t, x0_pred = _sample_one_step(
-            graphdef, state, schedule, sampler, plan, x, sampler_state, key, jnp.int32(i)
-        )
-        if (record_every and i % record_every == 0) or i == len(ts) - 1:
+    one_step = functools.partial(_sample_one_step, graphdef, state, key)
+    traj = Trajectory(samples=chain.start(_start(key, shape, x_T)), steps=[], x_t=[], x0_pred=[])
+    ts, last = np.asarray(chain.plan.timesteps), len(chain) - 1
+    steps = tqdm(chain_lib.iterate(one_step, chain, traj.samples), total=len(chain), disable=not progress)
+    steps.set_description(f"{sampler.name} {sampler.steps} steps")
+    for i, result in enumerate(steps):
+        if (record_every and i % record_every == 0) or i == last:
             traj.steps.append(float(ts[i]) if ts[i] % 1 else int(ts[i]))
-            traj.x_t.append(np.asarray(x_t))
-            traj.x0_pred.append(np.asarray(x0_pred))
-        x = x_next
-    traj.samples = x
+            traj.x_t.append(np.asarray(result.model_input))
+            traj.x0_pred.append(np.asarray(chain.predict_x0(i, traj.samples, result.model_output)))
+        traj.samples = result.x
     return traj

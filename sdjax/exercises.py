@@ -1,4 +1,4 @@
-"""Exercise checks for the notebooks, and the tool that strips solutions out of them.
+"""Exercise checks for the notebooks.
 
 In a notebook, an exercise is a function the learner writes, between marker lines:
 
@@ -10,31 +10,132 @@ In a notebook, an exercise is a function the learner writes, between marker line
     sdjax.exercises.check_reparameterize(reparameterize)
 
 The committed notebooks hold the solutions (so CI proves they run); ``sdjax strip-solutions`` writes
-the learner's copy, where each marked region becomes ``...  # YOUR CODE HERE``. Each ``check_*``
-compares the learner's function with sdjax's own on random inputs and, when they differ, tests the
-answer against the usual mistakes so the message says what is wrong, not just that it is.
+the learner's copy, the *student edition* (:func:`sdjax.editions.student_edition`), where each marked region becomes
+``...  # YOUR CODE HERE``. Each ``check_*`` compares the learner's function with sdjax's own on random
+inputs and, when they differ, tests the answer against the usual mistakes so the message says what is
+wrong, not just that it is: it raises :class:`ExerciseError`.
+
+An exercise not attempted yet is not an error. Called on the untouched placeholder, a check prints
+"○ exercise N of notebook NN (name) is still open: …" and returns False, so *Run All* goes on; where the
+notebook uses the learner's function later, its check cell falls back to sdjax's own version:
+
+    if not sdjax.exercises.check_q_sample(q_sample):
+        q_sample = sdjax.exercises.sdjax_version("q_sample")
+
+:func:`summary` lists which exercises of a notebook are correct, wrong or still open.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from sdjax.chain import classifier_free_guidance
 from sdjax.models.autoencoder import reconstruction_loss
 from sdjax.models.vae import kl_divergence, reparameterize
 from sdjax.nn import upsample_nearest
 from sdjax.samplers import euler_step
 from sdjax.schedulers import NoiseSchedule, ddpm_step, q_sample
 
+_MARK = "# YOUR CODE HERE"
+PLACEHOLDER = f"...  {_MARK}"  # what a solution becomes in the student edition
+
 
 class ExerciseError(AssertionError):
     """The learner's answer is not right yet; the message says why."""
+
+
+class _Open(Exception):
+    """Raised inside a check when the learner's function is still the student edition's placeholder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Exercise:
+    """One exercise of the notebooks: where it is, and sdjax's own answer with the exercise's signature (what a
+    notebook uses in place of the learner's function until that passes its check)."""
+
+    notebook: str  # "01" … "07", the notebook's number
+    number: int  # the exercise's number within its notebook
+    name: str  # the function the learner writes; its check is ``check_<name>``
+    sdjax_version: Callable
+
+    def __str__(self) -> str:
+        return f"exercise {self.number} of notebook {self.notebook} ({self.name})"
+
+
+EXERCISES: dict[str, Exercise] = {}  # name → exercise, filled by the ``check_*`` definitions below
+_verdicts: dict[str, str] = {}  # name → the latest check's verdict in this Python process: correct, open, wrong: …
+
+
+def _exercise(notebook: str, number: int, name: str, sdjax_version: Callable):
+    """Register the decorated ``check_<name>`` as the check of an exercise, and let it report an open exercise
+    (the placeholder still in place) by a printed line and False instead of an error."""
+
+    def register(check: Callable[[Callable], bool]) -> Callable[[Callable], bool]:
+        exercise = EXERCISES[name] = Exercise(notebook, number, name, sdjax_version)
+
+        @functools.wraps(check)
+        def run(fn: Callable) -> bool:
+            try:
+                ok = check(fn)
+            except _Open:
+                _verdicts[name] = "open"
+                print(
+                    f"○ {exercise} is still open: write the body of {name} in place of `{PLACEHOLDER}` (and "
+                    "`return` the result), run its cell, then this check again."
+                )
+                return False
+            except ExerciseError as e:
+                _verdicts[name] = f"wrong: {e}"
+                raise
+            _verdicts[name] = "correct"
+            return ok
+
+        return run
+
+    return register
+
+
+def sdjax_version(name: str) -> Callable:
+    """sdjax's own answer to exercise ``name``, with the exercise's signature: what a notebook uses in place of
+    the learner's function while that does not pass its check, so that the cells after it still run."""
+    if name not in EXERCISES:
+        raise KeyError(f"no exercise named {name!r}; the exercises are {', '.join(EXERCISES)}")
+    return EXERCISES[name].sdjax_version
+
+
+def summary(notebook: str | None = None) -> None:
+    """Print where the exercises stand in this Python process (the kernel, in a notebook): ✓ correct, ✗ wrong
+    (with the check's message), ○ still open, or not checked yet. ``notebook`` ("01" … "07") lists every exercise
+    of that notebook; without it, every exercise checked so far."""
+    chosen = [e for e in EXERCISES.values() if (e.notebook == notebook if notebook else e.name in _verdicts)]
+    chosen.sort(key=lambda e: (e.notebook, e.number))
+    if not chosen:
+        print(f"notebook {notebook} has no exercises" if notebook else "no exercise has been checked yet")
+        return
+    correct = sum(_verdicts.get(e.name) == "correct" for e in chosen)
+    where = f"notebook {notebook}" if notebook else "checked so far"
+    print(f"Exercises, {where}: {correct} of {len(chosen)} correct.")
+    for e in chosen:
+        verdict = _verdicts.get(e.name, "not checked yet: run its check cell")
+        mark = {"correct": "✓", "open": "○"}.get(verdict, "✗" if verdict.startswith("wrong") else "·")
+        print(f"  {mark} {e}: {verdict}")
+
+
+def _is_open(fn: Callable) -> bool:
+    """Whether ``fn`` still holds the student edition's placeholder line (read from its source; notebook cells
+    have one). Only asked of a function that returned None."""
+    try:
+        return _MARK in inspect.getsource(fn)
+    except (OSError, TypeError):  # no source to read: a builtin, or code compiled from a string
+        return False
 
 
 def _run(name: str, fn: Callable, args) -> np.ndarray:
@@ -43,6 +144,8 @@ def _run(name: str, fn: Callable, args) -> np.ndarray:
     except Exception as e:  # the learner's code: any exception is a finding to explain, not to hide
         raise ExerciseError(f"{name}: your function raised {type(e).__name__}: {e}") from e
     if out is None:
+        if _is_open(fn):
+            raise _Open
         raise ExerciseError(
             f"{name}: your function returned None — replace the `...` with your code and `return` the result."
         )
@@ -78,6 +181,7 @@ def _inputs(seed: int, *shapes):
 # --- notebook 01 ------------------------------------------------------------------------------------
 
 
+@_exercise("01", 1, "upsample_nearest", upsample_nearest)
 def check_upsample_nearest(fn: Callable) -> bool:
     """Exercise: nearest-neighbour ×2 upsampling of an NHWC batch, (B, H, W, C) → (B, 2H, 2W, C)."""
     (x,) = _inputs(0, (2, 3, 5, 4))
@@ -105,6 +209,7 @@ def check_upsample_nearest(fn: Callable) -> bool:
     return _check("upsample_nearest", fn, upsample_nearest, (x,), mistakes)
 
 
+@_exercise("01", 2, "reconstruction_loss", reconstruction_loss)
 def check_reconstruction_loss(fn: Callable) -> bool:
     """Exercise: the autoencoder's loss, the mean squared error over all pixels (a scalar)."""
     x, x_hat = _inputs(1, (4, 8, 8, 3), (4, 8, 8, 3))
@@ -130,6 +235,7 @@ def check_reconstruction_loss(fn: Callable) -> bool:
 # --- notebook 02 ------------------------------------------------------------------------------------
 
 
+@_exercise("02", 1, "reparameterize", reparameterize)
 def check_reparameterize(fn: Callable) -> bool:
     """Exercise: z = μ + σ ⊙ ε with σ = exp(½ · logvar)."""
     mean, logvar, eps = _inputs(2, (3, 4, 4, 2), (3, 4, 4, 2), (3, 4, 4, 2))
@@ -151,6 +257,7 @@ def check_reparameterize(fn: Callable) -> bool:
     return ok
 
 
+@_exercise("02", 2, "kl_divergence", kl_divergence)
 def check_kl_divergence(fn: Callable) -> bool:
     """Exercise: KL(N(μ, σ²) ‖ N(0, 1)) summed over all but the batch axis, one value per example."""
     mean, logvar = _inputs(3, (3, 4, 4, 2), (3, 4, 4, 2))
@@ -190,6 +297,23 @@ def check_kl_divergence(fn: Callable) -> bool:
 _DDPM = NoiseSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
 
 
+def _q_sample(x0, t, noise, alphas_cumprod):
+    """sdjax's answer to exercise 1 of notebook 03: :func:`sdjax.schedulers.q_sample` on the exercise's table of
+    ᾱ_t rather than a :class:`NoiseSchedule`. x0, noise (B, H, W, C); t (B,) int; alphas_cumprod (T,)."""
+    alpha_bar = jnp.asarray(alphas_cumprod)[t].reshape(-1, *(1,) * (x0.ndim - 1))
+    return jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1.0 - alpha_bar) * noise
+
+
+def _ddpm_step(x_t, eps_hat, t, betas, alphas_cumprod, z):
+    """sdjax's answer to exercise 2 of notebook 03: :func:`sdjax.schedulers.ddpm_step` from t to t − 1 (posterior
+    variance β̃_t, no clipping) on the exercise's tables of β_t and ᾱ_t. x_t, eps_hat, z (B, H, W, C); t an int."""
+    beta, alpha_bar = betas[t], alphas_cumprod[t]
+    alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else 1.0
+    mean = (x_t - beta / jnp.sqrt(1.0 - alpha_bar) * eps_hat) / jnp.sqrt(1.0 - beta)
+    return mean + jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta) * z
+
+
+@_exercise("03", 1, "q_sample", _q_sample)
 def check_q_sample(fn: Callable) -> bool:
     """Exercise: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, with ``fn(x0, t, noise, alphas_cumprod)``.
 
@@ -227,6 +351,7 @@ def check_q_sample(fn: Callable) -> bool:
     return _check("q_sample", fn, lambda x, t, n, ab: q_sample(_DDPM, x, t, n), (x0, t, noise, ab), mistakes)
 
 
+@_exercise("03", 2, "ddpm_step", _ddpm_step)
 def check_ddpm_step(fn: Callable) -> bool:
     """Exercise: one DDPM ancestral step (Algorithm 2), ``fn(x_t, eps_hat, t, betas, alphas_cumprod, z)``:
 
@@ -285,7 +410,16 @@ def check_ddpm_step(fn: Callable) -> bool:
 
 # --- notebook 06 ------------------------------------------------------------------------------------
 
+_EPSILON = NoiseSchedule(prediction_type="epsilon", clip_sample=False)
 
+
+def _euler_step(x, x0_hat, sigma, sigma_next):
+    """sdjax's answer to the exercise of notebook 06: :func:`sdjax.samplers.euler_step`, given ε̂ = (x − x̂_0)/σ
+    under an ε-prediction schedule, so that its denoiser D is x0_hat. x, x0_hat (B, H, W, C); σ, σ_next floats."""
+    return euler_step(_EPSILON, (x - x0_hat) / sigma, x, jnp.float32(sigma), jnp.float32(sigma_next))
+
+
+@_exercise("06", 1, "euler_step", _euler_step)
 def check_euler_step(fn: Callable) -> bool:
     """Exercise: one Euler step of the probability-flow ODE dx/dσ = (x − D(x; σ))/σ from σ to σ_next,
     ``fn(x, x0_hat, sigma, sigma_next)``:
@@ -298,11 +432,6 @@ def check_euler_step(fn: Callable) -> bool:
     D is x0_hat) for a large step and for the last step, to σ = 0.
     """
     x0_hat, eps = _inputs(6, (2, 4, 4, 3), (2, 4, 4, 3))
-    eps_schedule = NoiseSchedule(prediction_type="epsilon", clip_sample=False)
-
-    def reference(x, d0, s, s_next):
-        return euler_step(eps_schedule, (x - d0) / s, x, jnp.float32(s), jnp.float32(s_next))
-
     mistakes = [
         (
             lambda x, d0, s, s_next: x + (s - s_next) * (x - d0) / s,
@@ -331,7 +460,7 @@ def check_euler_step(fn: Callable) -> bool:
     for s, s_next in ((14.6, 3.1), (0.8, 0.0)):
         x = x0_hat + s * eps
         ok &= _check(
-            f"euler_step at σ={s} → {s_next}", fn, reference, (x, x0_hat, s, s_next), mistakes, rtol=1e-5, atol=1e-5
+            f"euler_step at σ={s} → {s_next}", fn, _euler_step, (x, x0_hat, s, s_next), mistakes, rtol=1e-5, atol=1e-5
         )
     return ok
 
@@ -339,6 +468,18 @@ def check_euler_step(fn: Callable) -> bool:
 # --- notebook 04 ------------------------------------------------------------------------------------
 
 
+def _matching_cross_entropy(logits):
+    """CE(ℓ, diag) = mean_i (log Σ_j exp ℓ_ij − ℓ_ii): row i's right answer is column i. (B, B) → ()."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(len(logits))).mean()
+
+
+def _clip_loss(u, w, scale):
+    """sdjax's answer to exercise 1 of notebook 04: :func:`sdjax.tiny_sd.clip_loss`'s formula on the embeddings,
+    u, w (B, E) → ()."""
+    return 0.5 * (_matching_cross_entropy(scale * u @ w.T) + _matching_cross_entropy(scale * w @ u.T))
+
+
+@_exercise("04", 1, "clip_loss", _clip_loss)
 def check_clip_loss(fn: Callable) -> bool:
     """Exercise: CLIP's symmetric contrastive loss, ``fn(u, w, scale)``: u (B, E) image and w (B, E) text
     embeddings, unit vectors, pair i matching; scale = exp(τ), a float. Logits ℓ = scale · u wᵀ (B, B), and
@@ -347,18 +488,9 @@ def check_clip_loss(fn: Callable) -> bool:
 
     → a scalar. Compared with :func:`sdjax.tiny_sd.clip_loss`'s formula.
     """
-    import optax
-
     u, w = _inputs(7, (6, 8), (6, 8))
     u, w = u / jnp.linalg.norm(u, axis=1, keepdims=True), w / jnp.linalg.norm(w, axis=1, keepdims=True)
-    labels = jnp.arange(6)
-
-    def ce(logits):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    def reference(u, w, scale):
-        return 0.5 * (ce(scale * u @ w.T) + ce(scale * w @ u.T))
-
+    ce = _matching_cross_entropy
     mistakes = [
         (lambda u, w, s: ce(s * u @ w.T), "that is one direction only (each image picks its caption); CLIP also "
          "asks each caption to pick its image: average CE(ℓ, diag) and CE(ℓᵀ, diag)."),
@@ -369,14 +501,13 @@ def check_clip_loss(fn: Callable) -> bool:
         (lambda u, w, s: -jnp.mean(jnp.diag(s * u @ w.T)), "maximising the matching pairs' similarity alone "
          "ignores the other captions in the batch: the loss is a cross-entropy over all B of them."),
     ]  # fmt: skip
-    return _check("clip_loss", fn, reference, (u, w, 14.3), mistakes, rtol=1e-5, atol=1e-5)
+    return _check("clip_loss", fn, _clip_loss, (u, w, 14.3), mistakes, rtol=1e-5, atol=1e-5)
 
 
+@_exercise("04", 2, "guidance", classifier_free_guidance)
 def check_guidance(fn: Callable) -> bool:
     """Exercise: classifier-free guidance, ``fn(out_uncond, out_cond, w)`` → ε̂_∅ + w (ε̂_c − ε̂_∅), the
-    arrays (B, h, w, 4), w a float. Compared with :func:`sdjax.pipeline.classifier_free_guidance`."""
-    from sdjax.pipeline import classifier_free_guidance
-
+    arrays (B, h, w, 4), w a float. Compared with :func:`sdjax.chain.classifier_free_guidance`."""
     uncond, cond = _inputs(8, (2, 4, 4, 4), (2, 4, 4, 4))
     mistakes = [
         (lambda u, c, w: c + w * (c - u), "that is the paper's convention, (1 + w) ε̂_c − w ε̂_∅, where w = 0 means no "
@@ -394,6 +525,13 @@ def check_guidance(fn: Callable) -> bool:
 # --- notebook 05 ------------------------------------------------------------------------------------
 
 
+def _latents_to_image(decode, z, scaling_factor):
+    """sdjax's answer to the exercise of notebook 05: what :class:`sdjax.StableDiffusion` does to its final
+    latents, images = clip((D(z / s) + 1) / 2, 0, 1). z (N, h, w, 4) → (N, 8h, 8w, 3) in [0, 1]."""
+    return jnp.clip((decode(z / scaling_factor) + 1) / 2, 0.0, 1.0)
+
+
+@_exercise("05", 1, "latents_to_image", _latents_to_image)
 def check_latents_to_image(fn: Callable) -> bool:
     """Exercise: SD's last stage, ``fn(decode, z, scaling_factor)`` → images in [0, 1]: undo the scaling,
     decode, and map the decoder's [−1, 1] to pixel values,
@@ -410,9 +548,6 @@ def check_latents_to_image(fn: Callable) -> bool:
         x = jnp.repeat(jnp.repeat(latents[..., :3], 8, axis=1), 8, axis=2)
         return 1.2 * jnp.tanh(x)
 
-    def reference(decode, z, s):
-        return jnp.clip((decode(z / s) + 1) / 2, 0.0, 1.0)
-
     mistakes = [
         (lambda d, z, s: jnp.clip((d(z * s) + 1) / 2, 0, 1), "the latents were multiplied by s when they were "
          "encoded (z = s·E(x)); to decode, divide: D(z / s)."),
@@ -423,9 +558,26 @@ def check_latents_to_image(fn: Callable) -> bool:
         (lambda d, z, s: (d(z / s) + 1) / 2, "clip to [0, 1]: the decoder can overshoot ±1 a little, and an image "
          "library would wrap or reject those values."),
     ]  # fmt: skip
-    return _check("latents_to_image", fn, reference, (decode, z, 0.18215), mistakes)
+    return _check("latents_to_image", fn, _latents_to_image, (decode, z, 0.18215), mistakes)
 
 
+def _lora_forward(x, W, b, A, B, alpha, scale):
+    """sdjax's answer to the exercise of notebook 07: :class:`sdjax.lora.LoRALinear` itself, built around the frozen
+    layer (W, b) with the adapter (A, B). x (N, d_in), W (d_in, d_out), b (d_out,), A (d_in, r), B (r, d_out)."""
+    from flax import nnx
+
+    from sdjax import lora
+
+    base = nnx.Linear(*W.shape, rngs=nnx.Rngs(0))
+    base.kernel.set_value(W)
+    base.bias.set_value(b)
+    layer = lora.LoRALinear(base, rank=A.shape[1], alpha=alpha, scale=scale, rngs=None)
+    layer.lora_A.set_value(A)
+    layer.lora_B.set_value(B)
+    return layer(x)
+
+
+@_exercise("07", 1, "lora_forward", _lora_forward)
 def check_lora_forward(fn: Callable) -> bool:
     """Exercise: a LoRA layer's forward pass, ``fn(x, W, b, A, B, alpha, scale)`` → y:
 
@@ -434,22 +586,8 @@ def check_lora_forward(fn: Callable) -> bool:
     x (N, d_in), W (d_in, d_out) and b (d_out,) the frozen layer, A (d_in, r) and B (r, d_out) the adapter,
     α its alpha and s the strength. Checked against :class:`sdjax.lora.LoRALinear` itself.
     """
-    from flax import nnx
-
-    from sdjax import lora
-
     x, w, b, a, bb = _inputs(10, (3, 6), (6, 5), (5,), (6, 2), (2, 5))
     alpha, scale = 4.0, 0.7
-
-    def reference(x, w, b, a, bb, alpha, scale):
-        base = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
-        base.kernel.set_value(w)
-        base.bias.set_value(b)
-        layer = lora.LoRALinear(base, rank=2, alpha=alpha, scale=scale, rngs=None)
-        layer.lora_A.set_value(a)
-        layer.lora_B.set_value(bb)
-        return layer(x)
-
     r = 2
     mistakes = [
         (lambda x, w, b, a, bb, al, s: x @ w + b + s * (x @ a) @ bb, "scale the update by α / r as well as by s: "
@@ -459,41 +597,4 @@ def check_lora_forward(fn: Callable) -> bool:
         (lambda x, w, b, a, bb, al, s: s * al / r * (x @ a) @ bb, "LoRA adds to the frozen layer: keep x W + b."),
         (lambda x, w, b, a, bb, al, s: x @ (w + s * al / r * a @ bb), "the bias b of the frozen layer is missing."),
     ]  # fmt: skip
-    return _check("lora_forward", fn, reference, (x, w, b, a, bb, alpha, scale), mistakes)
-
-
-# --- stripping solutions ------------------------------------------------------------------------------
-
-_SOLUTION = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION.*?^[ \t]*# END SOLUTION[^\n]*\n?", re.M | re.S)
-
-
-def strip_source(source: str) -> str:
-    """Replace every ``# BEGIN SOLUTION`` … ``# END SOLUTION`` region with a placeholder line."""
-
-    def placeholder(m: re.Match) -> str:
-        return f"{m.group('indent')}...  # YOUR CODE HERE\n"
-
-    if source.count("# BEGIN SOLUTION") != source.count("# END SOLUTION"):
-        raise ValueError("unbalanced solution markers: every '# BEGIN SOLUTION' needs an '# END SOLUTION'")
-    return _SOLUTION.sub(placeholder, source)
-
-
-def strip_notebook(src: str | Path, dst: str | Path) -> int:
-    """Write the learner's copy of notebook ``src`` to ``dst``: solutions stripped, outputs cleared.
-
-    Returns the number of cells changed.
-    """
-    nb = json.loads(Path(src).read_text())
-    changed = 0
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        source = "".join(cell["source"])
-        stripped = strip_source(source)
-        if stripped != source:
-            changed += 1
-            cell["source"] = stripped.splitlines(keepends=True)
-        cell["outputs"], cell["execution_count"] = [], None
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    Path(dst).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
-    return changed
+    return _check("lora_forward", fn, _lora_forward, (x, w, b, a, bb, alpha, scale), mistakes)

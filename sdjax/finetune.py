@@ -207,7 +207,7 @@ def training_data(
         weights.append(np.full(len(prior), config.prior_loss_weight))
     return {
         "latent": np.concatenate(latents),
-        "ids": np.asarray(sd.tokenizer(textual_inversion.expand_prompt(texts, sd.tokenizer)), np.int32),
+        "ids": np.asarray(sd.tokenizer(sd.tokenizer.expand(texts)), np.int32),
         "weight": np.concatenate(weights).astype(np.float32),
     }
 
@@ -380,7 +380,7 @@ def heldout_loss(sd: StableDiffusion, images: np.ndarray, prompts: list[str], *,
     ε per (image, t). Deterministic, so before/after fine-tuning are compared on the very same draws —
     how much closer the model has come to the new concept, in the loss it trains on."""
     latents = jnp.asarray(encode_latents(sd, np.asarray(images, np.float32)))
-    ids = jnp.asarray(np.asarray(sd.tokenizer(textual_inversion.expand_prompt(prompts, sd.tokenizer)), np.int32))
+    ids = jnp.asarray(np.asarray(sd.tokenizer(sd.tokenizer.expand(prompts)), np.int32))
     n, T = len(latents), sd.schedule.num_train_timesteps
     ts = np.linspace(0, T - 1, n_t + 2)[1:-1].round().astype(np.int32)
     graphdef, state = nnx.split(TextToLatent(sd.unet, sd.text_encoder))

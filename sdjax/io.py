@@ -26,15 +26,50 @@ def _key_str(entry) -> str:
     return str(entry)
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """A pytree path as the dotted name checkpoints use ("encoder.conv_in.kernel")."""
     # An nnx Variable (Param ...) is a pytree node whose array sits in its ``.value`` attribute; leave
     # that step out so names read "encoder.conv_in.kernel", as in every other checkpoint format.
     return ".".join(_key_str(k) for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
 
 
+def listing(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` for an error message: "a, b, c and 4 more"."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_fit(
+    expected: dict[str, tuple], found: dict[str, tuple], *, source: str, target: str, hint: str, ignored=()
+) -> None:
+    """One ValueError naming every tensor a model expects that ``source`` lacks, every one it has that the
+    model does not (names ending in ``ignored`` aside), and every shape mismatch; nothing if all fit.
+
+    expected, found: {name: shape}, the model's and the file's, in the same naming and layout.
+    """
+    missing = sorted(n for n in expected if n not in found)
+    unexpected = sorted(n for n in found if n not in expected and not n.endswith(tuple(ignored)))
+    mismatched = [
+        f"{n}: checkpoint {tuple(found[n])} vs model {tuple(shape)}"
+        for n, shape in expected.items()
+        if n in found and tuple(found[n]) != tuple(shape)
+    ]
+    problems = [
+        f"{len(names)} {what} ({listing(names, limit)})"
+        for names, what, limit in (
+            (missing, "tensors missing", 5),
+            (unexpected, "unexpected tensors", 5),
+            (mismatched, "shape mismatches", 3),
+        )
+        if names
+    ]
+    if problems:
+        raise ValueError(f"{source} does not fit {target}: " + "; ".join(problems) + f". {hint}")
+
+
 def flatten(tree) -> dict[str, np.ndarray]:
     """{"a.b.0.kernel": np.ndarray} for every array leaf of ``tree`` (None leaves are skipped)."""
-    return {_path_str(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _dtype(leaf) -> np.dtype:
@@ -49,28 +84,14 @@ def unflatten_like(template, flat: dict[str, np.ndarray], *, source: str = "chec
     Raises ValueError naming every missing/unexpected key and every shape mismatch.
     """
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [_path_str(path) for path, _ in paths_leaves]
-    missing = [n for n in names if n not in flat]
-    unexpected = sorted(set(flat) - set(names))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors (first: {missing[:5]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (first: {unexpected[:5]})")
-    shapes = [
-        f"{n}: file {flat[n].shape} vs model {np.shape(leaf)}"
-        for n, (_, leaf) in zip(names, paths_leaves)
-        if n in flat and flat[n].shape != np.shape(leaf)
-    ]
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (first: {shapes[:5]})")
-    if problems:
-        raise ValueError(
-            f"{source} does not match the model it is loaded into: "
-            + "; ".join(problems)
-            + ". Was it saved from a model with a different config? Build the model with the config "
-            "it was saved with."
-        )
+    names = [path_str(path) for path, _ in paths_leaves]
+    check_fit(
+        {n: np.shape(leaf) for n, (_, leaf) in zip(names, paths_leaves)},
+        {n: a.shape for n, a in flat.items()},
+        source=source,
+        target="the model it is loaded into",
+        hint="Was it saved from a model with a different config? Build the model with the config it was saved with.",
+    )
     leaves = [np.asarray(flat[n]).astype(_dtype(leaf), copy=False) for n, (_, leaf) in zip(names, paths_leaves)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sdjax.attention import ATTENTION_IMPLEMENTATIONS, attention
+
 Array = jax.Array
 
 
@@ -155,132 +157,6 @@ class Upsample(nnx.Module):
         return self.conv(upsample_nearest(x))
 
 
-# Which kernel computes softmax(q kᵀ / √d) v (see :func:`attention_backend`).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-HALF_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-
-
-def accelerator() -> tuple[str, str | None]:
-    """(platform, CUDA compute capability) of the default backend's first device: ("cuda", "9.0") on an
-    H100, ("cpu", None), ("tpu", None), ("rocm", None). Read when a function is traced."""
-    device = jax.local_devices()[0]
-    if device.platform == "gpu":
-        if "cuda" in device.client.platform_version.lower():
-            return "cuda", device.compute_capability
-        return "rocm", None
-    return device.platform, None
-
-
-def attention_backend(
-    implementation: str,
-    *,
-    platform: str,
-    dtype,
-    head_dim: int,
-    compute_capability: str | None = None,
-    masked: bool = False,
-) -> str:
-    """The kernel :func:`attention` runs: "cudnn" (cuDNN's fused flash attention) or "xla" (XLA's
-    portable einsum → softmax → einsum, on every platform).
-
-    cuDNN's kernel never writes the (T × T) score matrix to memory: at SD's 64×64 latents (T = 4096
-    tokens) that matrix alone is 8 heads × 4096² × 2 bytes = 268 MB per image, which XLA's path does
-    write and read back. The kernel exists only for a CUDA GPU, float16/bfloat16 inputs and head dims
-    d that are multiples of 8 up to 128 (256 from Hopper, compute capability 9.0, on): SD1.5's
-    d = 40, 80, 160 all qualify on an H100; 160 does not on an A100.
-
-    implementation: "auto" picks cudnn when all of that holds (and no ``mask`` array is given: CLIP's
-    padding masks stay on XLA), xla otherwise; "xla" always xla; "cudnn" always cudnn, a ValueError
-    naming the condition that fails when it cannot run.
-    """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
-    if implementation == "xla":
-        return "xla"
-    limit = 256 if compute_capability and tuple(map(int, compute_capability.split("."))) >= (9, 0) else 128
-    unmet = [
-        reason
-        for reason, failed in (
-            (f"it needs a CUDA GPU (this is {platform})", platform != "cuda"),
-            (f"it needs float16 or bfloat16 (got {jnp.dtype(dtype).name})", jnp.dtype(dtype) not in HALF_DTYPES),
-            (f"the head dim must be a multiple of 8 and ≤ {limit} (got {head_dim})", head_dim % 8 or head_dim > limit),
-        )
-        if failed
-    ]
-    if implementation == "cudnn" and unmet:
-        raise ValueError(f"attention implementation 'cudnn' cannot run: {'; '.join(unmet)}. Use 'auto' or 'xla'")
-    return "cudnn" if implementation == "cudnn" or not (unmet or masked) else "xla"
-
-
-# The most attention scores (batch · heads · T_q · T_k) the XLA path holds at once: 2²⁸ float32 = 1 GiB. Beyond
-# it the queries go through in chunks. None: all at once (jax's path unchanged). Read when a function is traced.
-MAX_ATTENTION_SCORES: int | None = 2**28
-
-
-def query_chunks(batch: int, heads: int, queries: int, keys: int, max_scores: int | None) -> int:
-    """How many equal chunks the queries are split into so that one chunk's scores, batch · heads ·
-    (queries / n) · keys, stay within ``max_scores``: the smallest such n that divides ``queries``."""
-    if max_scores is None:
-        return 1
-    n = min(queries, max(1, -(-batch * heads * queries * keys // max_scores)))  # one query a chunk at most
-    while queries % n:
-        n += 1
-    return n
-
-
-def _xla_attention(q: Array, k: Array, v: Array, mask: Array | None, is_causal: bool) -> Array:
-    """XLA's einsum → softmax → einsum, in query chunks when the T_q × T_k scores would be too many.
-
-    Softmax normalises each query's row of scores over the keys alone, so the rows can be computed a
-    chunk of queries at a time and the outputs concatenated: the same numbers, with only one chunk's
-    scores (float32 in jax's path, even for bf16 inputs) in memory. At 1024² SD1.5's first UNet level
-    has T = 16,384 tokens: one CFG pair's scores are 2 · 8 · 16,384² · 4 bytes = 16 GiB per layer,
-    several such buffers live at once; in chunks of 1 GiB the whole UNet pass needs a few GiB.
-    The chunks run one after the other (``lax.map``); each is rematerialised in the backward pass
-    (``jax.checkpoint``), so training keeps no chunk's scores either. Masks and causal attention
-    (CLIP's 77 tokens, never large) are not chunked.
-    """
-    b, tq, heads, d = q.shape
-    n = query_chunks(b, heads, tq, k.shape[1], MAX_ATTENTION_SCORES)
-    if n == 1 or mask is not None or is_causal:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
-
-    @jax.checkpoint
-    def chunk(q_chunk: Array) -> Array:
-        return jax.nn.dot_product_attention(q_chunk, k, v, implementation="xla")
-
-    chunks = q.reshape(b, n, tq // n, heads, d).swapaxes(0, 1)  # (n, B, T_q/n, heads, d)
-    return jax.lax.map(chunk, chunks).swapaxes(0, 1).reshape(q.shape[:3] + v.shape[-1:])
-
-
-def attention(
-    q: Array, k: Array, v: Array, *, mask: Array | None = None, is_causal: bool = False, implementation: str = "auto"
-) -> Array:
-    """Scaled dot-product attention, softmax(q kᵀ / √d) v, over (B, T, heads, d) inputs.
-
-    ``mask``: optional boolean array broadcastable to (B, heads, T_q, T_k); True where query i may
-    attend to key j (e.g. (B, 1, 1, T_k) to hide padding tokens). ``is_causal``: query i sees only
-    keys j ≤ i, as in a language model (CLIP's text encoder). Both together allow the logical AND.
-
-    ``implementation``: "auto", "xla" or "cudnn", resolved by :func:`attention_backend` for the
-    default backend when the function is traced (auto: cuDNN's fused kernel on a CUDA GPU in half
-    precision, XLA's portable path on CPU and TPU). XLA's path splits the queries into chunks when the
-    scores would exceed :data:`MAX_ATTENTION_SCORES` (:func:`_xla_attention`).
-    """
-    platform, capability = accelerator()
-    backend = attention_backend(
-        implementation,
-        platform=platform,
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        compute_capability=capability,
-        masked=mask is not None,
-    )
-    if backend == "xla":
-        return _xla_attention(q, k, v, mask, is_causal)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=backend)
-
-
 def set_attention_implementation(module: nnx.Module, implementation: str) -> int:
     """Make every :class:`Attention` inside ``module`` use ``implementation`` ("auto", "xla" or "cudnn").
 
@@ -365,6 +241,114 @@ class SelfAttention(Attention):
     def __call__(self, x: Array) -> Array:
         b, h, w, c = x.shape
         return x + self.attend(self.group_norm(x).reshape(b, h * w, c)).reshape(b, h, w, c)
+
+
+class GEGLU(nnx.Module):
+    """The gated GELU of SD's feed-forward (Shazeer 2020): [h, g] = x W + b, out = h ⊙ GELU(g).
+
+    Shapes: (B, T, D) → (B, T, D_inner).
+    """
+
+    def __init__(self, dim: int, inner: int, *, rngs: nnx.Rngs):
+        self.proj = nnx.Linear(dim, 2 * inner, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        h, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """The transformer's per-token MLP: D → GEGLU → 4D → D.  (B, T, D) → (B, T, D).
+
+    diffusers keeps these in a list ``ff.net = [GEGLU, Dropout, Linear]``; sdjax names them
+    ``geglu`` and ``proj_out`` (sdjax.convert maps the names).
+    """
+
+    def __init__(self, dim: int, *, mult: int = 4, rngs: nnx.Rngs):
+        self.geglu = GEGLU(dim, mult * dim, rngs=rngs)
+        self.proj_out = nnx.Linear(mult * dim, dim, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.proj_out(self.geglu(x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual:
+
+        x = x + SelfAttn(LN₁(x))              pixels exchange information with each other
+        x = x + CrossAttn(LN₂(x), c)          each pixel queries the text: K, V come from c
+        x = x + FF(LN₃(x))
+
+    Shapes: x (B, T, D) with T = H·W pixel tokens, context c (B, S, D_c) → (B, T, D).
+    """
+
+    def __init__(self, dim: int, *, heads: int, context_dim: int, upcast: bool = False, rngs: nnx.Rngs):
+        ln = lambda: nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, rngs=rngs)  # noqa: E731
+        self.norm1 = ln()
+        self.attn1 = Attention(dim, heads=heads, head_dim=dim // heads, upcast=upcast, rngs=rngs)
+        self.norm2 = ln()
+        self.attn2 = Attention(
+            dim, heads=heads, head_dim=dim // heads, context_dim=context_dim, upcast=upcast, rngs=rngs
+        )
+        self.norm3 = ln()
+        self.ff = FeedForward(dim, rngs=rngs)
+
+    def __call__(self, x: Array, context: Array) -> Array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nnx.Module):
+    """The text-conditioned attention of SD's UNet: the feature map as a sequence of pixel tokens,
+    through BasicTransformerBlocks, back to a map, plus the input (diffusers' ``Transformer2DModel``):
+
+        h = proj_in(GroupNorm(x))  →  reshape (B, H·W, C)  →  blocks(h, c)  →  reshape  →  proj_out  →  + x
+
+    proj_in/proj_out are 1×1 convolutions (SD1.x) or, equivalently on tokens, Linear layers (SD2.x,
+    ``linear_projection=True``); the two store their weights in different layouts.
+
+    Shapes: x (B, H, W, C), context (B, S, D_c) → (B, H, W, C).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int,
+        context_dim: int,
+        layers: int = 1,
+        groups: int = 32,
+        linear_projection: bool = False,
+        upcast: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.linear_projection = linear_projection
+        proj = (
+            (lambda: nnx.Linear(channels, channels, rngs=rngs))
+            if linear_projection
+            else (lambda: conv(channels, channels, 1, rngs))
+        )
+        self.norm = group_norm(channels, groups, 1e-6, rngs)
+        self.proj_in = proj()
+        self.transformer_blocks = nnx.List(
+            [
+                BasicTransformerBlock(channels, heads=heads, context_dim=context_dim, upcast=upcast, rngs=rngs)
+                for _ in range(layers)
+            ]
+        )
+        self.proj_out = proj()
+
+    def __call__(self, x: Array, context: Array) -> Array:
+        b, h, w, c = x.shape
+        tokens = lambda a: a.reshape(b, h * w, c)  # noqa: E731
+        grid = lambda a: a.reshape(b, h, w, c)  # noqa: E731
+        y = self.norm(x)
+        y = tokens(self.proj_in(tokens(y))) if self.linear_projection else tokens(self.proj_in(y))
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        y = grid(self.proj_out(y)) if self.linear_projection else self.proj_out(grid(y))
+        return x + y
 
 
 class MidBlock(nnx.Module):

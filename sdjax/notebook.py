@@ -7,25 +7,48 @@
 * quick mode (``SDJAX_QUICK=1``, set by ``tools/run_notebooks.py --quick`` in CI) shrinks data and
   training so every notebook executes in a minute or two;
 * online (the Hugging Face Hub reachable, and ``SDJAX_OFFLINE`` unset) notebooks may switch from the
-  offline datasets (``shapes``, ``digits``) to real ones through ``datasets``.
+  offline datasets (``shapes``, ``digits``) to real ones through ``datasets``;
+* ``env.dtype`` is the floating-point type to compute in on this accelerator: float32 on a CPU, bfloat16 on a
+  TPU or a GPU that has it, float16 on an older GPU such as Colab's T4.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 
 @dataclasses.dataclass(frozen=True)
 class NotebookEnv:
     quick: bool
     online: bool
-    backend: str
+    backend: str  # jax.default_backend(): "cpu", "gpu" or "tpu"
     devices: int
+    compute_capability: str | None = None  # a CUDA GPU's, e.g. "7.5" on a T4, "8.0" on an A100; else None
 
     def pick(self, *, quick, full):
         """``quick`` in quick mode, else ``full``."""
         return quick if self.quick else full
+
+    @property
+    def dtype(self) -> str:
+        """The floating-point type to compute in here (a name: "float32", "bfloat16" or "float16").
+
+        * CPU: float32. Most CPUs have no fast half-precision arithmetic (XLA converts to float32 around each
+          operation), so half precision would save memory but not time.
+        * TPU, and GPUs of compute capability ≥ 8.0 (A100, L4, RTX 30xx, H100): bfloat16. It keeps float32's
+          exponent range (no overflow, no loss scaling) in half the memory, and their matrix units compute in it.
+        * Older GPUs (Colab's T4 is 7.5, the V100 7.0) and GPUs whose capability is unknown: float16, the half
+          precision every GPU computes in at full speed; their tensor cores have no bfloat16. float16 overflows
+          past 65,504: keep normalisations and losses in float32.
+        """
+        if self.backend == "tpu":
+            return "bfloat16"
+        if self.backend != "gpu":
+            return "float32"
+        version = re.match(r"(\d+)\.(\d+)", self.compute_capability or "")
+        return "bfloat16" if version and (int(version[1]), int(version[2])) >= (8, 0) else "float16"
 
 
 def setup(dpi: int = 90) -> NotebookEnv:
@@ -37,10 +60,19 @@ def setup(dpi: int = 90) -> NotebookEnv:
 
     quick = os.environ.get("SDJAX_QUICK", "0") == "1"
     online = hub_reachable()
-    env = NotebookEnv(quick=quick, online=online, backend=jax.default_backend(), devices=jax.device_count())
+    device = jax.devices()[0]
+    env = NotebookEnv(
+        quick=quick,
+        online=online,
+        backend=jax.default_backend(),
+        devices=jax.device_count(),
+        compute_capability=getattr(device, "compute_capability", None) if device.platform == "gpu" else None,
+    )
     plt.rcParams.update({"figure.dpi": dpi, "axes.spines.top": False, "axes.spines.right": False})
+    capability = f", compute capability {env.compute_capability}" if env.compute_capability else ""
     print(
-        f"JAX {jax.__version__} on {env.backend} ({env.devices} device{'s' * (env.devices > 1)}) · "
+        f"JAX {jax.__version__} on {env.backend} ({env.devices} device{'s' * (env.devices > 1)}{capability}; "
+        f"env.dtype {env.dtype}) · "
         f"quick mode {'ON: small data, few steps' if quick else 'off'} · "
         f"Hugging Face Hub {'reachable' if online else 'unreachable: offline datasets only'}"
     )

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.convert import Components
-from sdjax.io import _path_str
+from sdjax.components import Components
+from sdjax.io import path_str
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -137,7 +137,7 @@ def random_init(cls, config, rng: np.random.Generator, dtype=jnp.float32) -> nnx
     abstract = nnx.state(model, nnx.Param)
 
     def draw(path, leaf) -> jax.Array:
-        name = _path_str(path).rsplit(".", 1)[-1]
+        name = path_str(path).rsplit(".", 1)[-1]
         if name == "scale":
             return jnp.ones(leaf.shape, dtype)
         std = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if name == "kernel" else 0.02

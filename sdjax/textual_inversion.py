@@ -10,7 +10,7 @@ trained, on the usual denoising loss, with prompts such as "a photo of S*":
 so the result is a few kilobytes that any copy of the same base model can load. Starting v from the
 embedding of a related word ("cat") is the usual initialisation (:func:`initialize_from`). An
 embedding may also hold n vectors: then S* stands for n tokens in a row, which diffusers names
-S*, S*_1, …, S*_{n−1} and writes into every prompt that mentions S* (:func:`expand_prompt`).
+S*, S*_1, …, S*_{n−1} and writes into every prompt that mentions S* (:meth:`sdjax.tokenizer.CLIPTokenizer.expand`).
 
 The files, all read by :func:`load_embeddings` as {token: (n, D) float32}:
 
@@ -22,7 +22,7 @@ Usage:
 
     emb = load_embeddings("learned_embeds.safetensors")      # {"<cat-toy>": (1, 768)}
     add_embeddings(sd.tokenizer, sd.text_encoder, emb)       # new ids, new rows of E
-    ids = sd.tokenizer(expand_prompt("a <cat-toy> backpack", sd.tokenizer))
+    ids = sd.tokenizer(sd.tokenizer.expand("a <cat-toy> backpack"))
 
     add_token(sd.tokenizer, sd.text_encoder, "<my-cat>", init_word="cat")   # to train one: rows from "cat",
     mask = new_rows_mask(sd.tokenizer, sd.text_encoder, ["<my-cat>"])       # (V,) True on the rows to update
@@ -43,13 +43,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import regex
 from flax import nnx
 from safetensors.numpy import save_file
 
 from sdjax.convert import read_state_dict
 from sdjax.models.clip import CLIPTextModel
-from sdjax.tokenizer import CLIPTokenizer, normalize_token
+from sdjax.tokenizer import CLIPTokenizer
 
 DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")  # what diffusers looks for in a folder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -190,34 +189,6 @@ def save_embeddings(path: str | os.PathLike, embeddings: Mapping[str, np.ndarray
 # ---------------------------------------------------------------------------------------------------
 
 
-def vector_tokens(tokenizer: CLIPTokenizer, token: str) -> list[str]:
-    """The tokens of an added embedding, in order: [token, token_1, ..., token_{n−1}] (diffusers' naming)."""
-    names = [token]
-    while f"{token}_{len(names)}" in tokenizer.added_tokens:
-        names.append(f"{token}_{len(names)}")
-    return names
-
-
-def expand_prompt(prompt: str | Sequence[str], tokenizer: CLIPTokenizer) -> str | list[str]:
-    """Spell out multi-vector tokens: "a <style> cat" -> "a <style> <style>_1 <style>_2 cat".
-
-    What diffusers' ``maybe_convert_prompt`` does before tokenizing: each token with n > 1 vectors that
-    the prompt uses becomes its n tokens. Apply it to every prompt (and negative prompt) before
-    :class:`CLIPTokenizer`; prompts without such tokens come back unchanged. Matching ignores case and
-    spacing, as the tokenizer does (diffusers replaces only the exact spelling).
-    """
-    if not isinstance(prompt, str):
-        return [expand_prompt(p, tokenizer) for p in prompt]
-    used = set(tokenizer.encode(prompt))
-    for token in tokenizer.added_tokens:
-        names = vector_tokens(tokenizer, token)
-        if len(names) > 1 and tokenizer.vocab[token] in used:
-            pattern = r"\s+".join(map(regex.escape, normalize_token(token).split(" ")))
-            spelled_out = " ".join(names)
-            prompt = regex.sub(pattern, lambda _, text=spelled_out: text, prompt, flags=regex.IGNORECASE)
-    return prompt
-
-
 def _table(text_encoder: CLIPTextModel) -> nnx.Param:
     return text_encoder.embeddings.token_embedding.embedding
 
@@ -228,7 +199,7 @@ def _ids(tokenizer: CLIPTokenizer, tokens: str | Sequence[str]) -> list[int]:
     missing = [t for t in tokens if t not in tokenizer.added_tokens]
     if missing:
         raise ValueError(f"{missing} are not added tokens of this tokenizer; add them first (add_embeddings/add_token)")
-    return [tokenizer.vocab[name] for t in tokens for name in vector_tokens(tokenizer, t)]
+    return [tokenizer.vocab[name] for t in tokens for name in tokenizer.vector_tokens(t)]
 
 
 def _set_rows(text_encoder: CLIPTextModel, ids: Sequence[int], vectors: np.ndarray) -> None:
@@ -253,10 +224,11 @@ def add_embeddings(
 ) -> list[str]:
     """Add each {token: (n, D) or (D,)} to the tokenizer and its vectors to the text encoder's table, in place.
 
-    A token of n vectors becomes the n tokens token, token_1, ..., token_{n−1} (:func:`expand_prompt`
-    makes prompts use all of them); their ids are the tokenizer's next free ones, and E grows to
-    match. Returns the tokens added, in order. Checks everything before changing anything: every
-    vector must be D wide, D of the encoder, and no token may exist already.
+    A token of n vectors becomes the n tokens token, token_1, ..., token_{n−1}
+    (:meth:`sdjax.tokenizer.CLIPTokenizer.expand` makes prompts use all of them); their ids are the
+    tokenizer's next free ones, and E grows to match. Returns the tokens added, in order. Checks
+    everything before changing anything: every vector must be D wide, D of the encoder, and no token
+    may exist already.
     """
     table = _table(text_encoder)
     width = table.shape[1]
@@ -340,11 +312,9 @@ def new_rows_mask(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, tokens:
 __all__ = [
     "add_embeddings",
     "add_token",
-    "expand_prompt",
     "initialize_from",
     "load_embeddings",
     "new_rows_mask",
     "read_embeddings",
     "save_embeddings",
-    "vector_tokens",
 ]

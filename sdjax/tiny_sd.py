@@ -23,7 +23,7 @@ C. the denoiser: a ``UNet2DConditionModel`` (:mod:`sdjax.models.unet`) trained o
 :data:`TINY_SD` is the recipe of the model that ships with sdjax (``sdjax/weights/tiny-sd-shapes``, the
 default of ``sdjax txt2img``): 64-px images, SD's 4-level VAE (f = 8: 8×8×4 latents), a 4-layer CLIP text
 tower of width 64 on CLIP's real tokenizer, and a 2-level cross-attention UNet. :func:`train` runs the
-stages (each resumes from its checkpoint) and returns the result as :class:`sdjax.convert.Components`;
+stages (each resumes from its checkpoint) and returns the result as :class:`sdjax.components.Components`;
 :func:`save_bundle` writes it in sdjax's layout, so that ``sdjax.StableDiffusion.from_pretrained`` and
 ``sdjax txt2img`` run it exactly like real SD. :func:`prompt_following` measures how well a model does what
 its prompts say, with the attribute probe of :mod:`sdjax.probe` (notebook 04, section 6).
@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 
 from sdjax import convert, data, io, probe
-from sdjax.convert import Components
+from sdjax.components import Components
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig, vae_loss

@@ -397,6 +397,33 @@ class CLIPTokenizer:
         self._build_matchers()
         return list(range(first, first + len(tokens)))
 
+    def vector_tokens(self, token: str) -> list[str]:
+        """The tokens of an added multi-vector token, in order: [token, token_1, ..., token_{n−1}]
+        (diffusers' naming for a textual-inversion embedding of n vectors)."""
+        names = [token]
+        while f"{token}_{len(names)}" in self.added_tokens:
+            names.append(f"{token}_{len(names)}")
+        return names
+
+    def expand(self, prompt: str | Sequence[str]) -> str | list[str]:
+        """Spell out multi-vector tokens: "a <style> cat" -> "a <style> <style>_1 <style>_2 cat".
+
+        What diffusers' ``maybe_convert_prompt`` does before tokenizing: each added token with n > 1
+        vectors that the prompt uses becomes its n tokens (:meth:`vector_tokens`). Apply it to every prompt
+        (and negative prompt) before tokenizing; prompts without such tokens come back unchanged. Matching
+        ignores case and spacing, as the tokenizer does (diffusers replaces only the exact spelling).
+        """
+        if not isinstance(prompt, str):
+            return [self.expand(p) for p in prompt]
+        used = set(self.encode(prompt))
+        for token in self.added_tokens:
+            names = self.vector_tokens(token)
+            if len(names) > 1 and self.vocab[token] in used:
+                pattern = r"\s+".join(map(regex.escape, normalize_token(token).split(" ")))
+                spelled_out = " ".join(names)
+                prompt = regex.sub(pattern, lambda _, text=spelled_out: text, prompt, flags=regex.IGNORECASE)
+        return prompt
+
     # ---------------------------------------------------------------- properties
 
     @property

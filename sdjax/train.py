@@ -35,7 +35,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sdjax.data.loader import iterate_batches, local_mesh, replicate, shard_batch
+from sdjax.data.loader import iterate_batches
+from sdjax.devices import local_mesh, replicate, shard_batch
 from sdjax.io import read, save_tree, unflatten_like
 
 Array = jax.Array

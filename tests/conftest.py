@@ -2,9 +2,20 @@
 
 Four virtual CPU devices, so data-parallel code paths run for real on a machine with one CPU: XLA
 reads this flag once, when JAX starts, hence before anything imports jax.
+
+A persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``, default ``~/.cache/sdjax/jax-tests``), so that
+the identical programs many tests compile (the same tiny models, the same chains) compile once per run and
+a second run reads them back. Every program counts, however fast it compiled. The cache is keyed on the
+program, the compiler options and the jax version, so a stale entry is never used; CI points it elsewhere.
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("SDJAX_OFFLINE", "1")  # tests never touch the network
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    cache = Path.home() / ".cache" / "sdjax" / "jax-tests"
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # compiled code: a folder only its owner can write
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -86,7 +86,7 @@ def read_png(path) -> tuple[np.ndarray, dict[str, str]]:
 
 
 def regenerate(meta: dict[str, str]) -> np.ndarray:
-    """A sample drawn again from nothing but its metadata (the recipe of sdjax.cli's docstring)."""
+    """A sample drawn again from nothing but its metadata (the recipe of sdjax.txt2img's docstring)."""
     pipe = sdjax.StableDiffusion.from_pretrained(meta["model"], dtype=meta["dtype"])
     size = tuple(map(int, meta["size"].split("x")))
     kwargs = dict(

@@ -17,7 +17,7 @@ from flax import nnx
 
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, eos_positions
 from sdjax.nn import count_params
-from tests.reference import load_torch_state, rel_err
+from tests.helpers import load_torch_state, rel_err
 
 RTOL = 1e-5
 VOCAB = 1000

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax import convert
+from sdjax import compvis, convert
 from sdjax.models import UNetConfig, VAEConfig
 from sdjax.tokenizer import CLIPTokenizer
-from tests.reference import nchw, nhwc, rel_err
+from tests.helpers import apply, nchw, nhwc, reference_text_encoder, reference_unet, reference_vae, rel_err
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -32,7 +32,8 @@ RTOL = 1e-5
 
 # Tiny networks with every structural feature of the real ones: two levels, a downsampler, cross-
 # attention in the first level and the mid block, 2 layers per block (so CompVis' flat numbering is
-# exercised beyond the trivial case), 4 heads, and CLIP's real vocabulary size.
+# exercised beyond the trivial case), 4 heads, and CLIP's real vocabulary size: tests/helpers.py's
+# SD1-style UNet and text encoder with these changes.
 VERSIONS = {
     "sd1": dict(
         unet=dict(attention_head_dim=4, cross_attention_dim=32),
@@ -50,25 +51,9 @@ VERSIONS = {
 def reference_models(version: str, seed: int = 0):
     spec = VERSIONS[version]
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-        **spec["unet"],
-    ).eval()
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=2,
-        norm_num_groups=8,
-    ).eval()
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(vocab_size=49408, num_hidden_layers=2, max_position_embeddings=77, **spec["text"])
-    ).eval()
+    unet = reference_unet(layers_per_block=2, **spec["unet"])
+    vae = reference_vae((32, 64), layers_per_block=2, norm_num_groups=8)
+    text = reference_text_encoder(**spec["text"])
     return unet, vae, text
 
 
@@ -106,12 +91,12 @@ def assert_same_outputs(sd, unet, vae, text, rtol=RTOL):
         moments = vae.quant_conv(vae.encoder(torch.from_numpy(nchw(image)))).numpy()
         decoded = vae.decode(torch.from_numpy(nchw(x))).sample.numpy()
         hidden = text(torch.from_numpy(ids)).last_hidden_state.numpy()
-    posterior = sd.vae.encode(jnp.asarray(image))
+    posterior = apply(sd.vae, jnp.asarray(image), method="encode")
     errors = {
-        "unet": rel_err(sd.unet(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)), nhwc(eps)),
+        "unet": rel_err(apply(sd.unet, jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)), nhwc(eps)),
         "vae encode": rel_err(jnp.concatenate([posterior.mean, posterior.logvar], -1), nhwc(moments)),
-        "vae decode": rel_err(sd.vae.decode(jnp.asarray(x)), nhwc(decoded)),
-        "text encoder": rel_err(sd.text_encoder(jnp.asarray(ids)).last_hidden_state, hidden),
+        "vae decode": rel_err(apply(sd.vae, jnp.asarray(x), method="decode"), nhwc(decoded)),
+        "text encoder": rel_err(apply(sd.text_encoder, jnp.asarray(ids)).last_hidden_state, hidden),
     }
     assert max(errors.values()) < rtol, errors
     return errors
@@ -143,7 +128,7 @@ def test_compvis_layout_agrees_with_diffusers_converter(checkpoint, tmp_path):
     """sdjax → single file → diffusers' own single-file conversion gives back the reference weights, exactly."""
     version, folder, (unet, vae, text) = checkpoint
     sd = convert.load_diffusers(folder)
-    path = convert.save_single_file(sd, tmp_path / "model.safetensors")
+    path = compvis.save_single_file(sd, tmp_path / "model.safetensors")
     from safetensors.torch import load_file
 
     ckpt = load_file(str(path))
@@ -168,12 +153,12 @@ def test_compvis_layout_agrees_with_diffusers_converter(checkpoint, tmp_path):
 def test_single_file_round_trip_is_lossless(checkpoint, tmp_path):
     version, folder, (unet, vae, text) = checkpoint
     sd = convert.load_diffusers(folder)
-    first = convert.save_single_file(sd, tmp_path / "a.safetensors")
-    loaded = convert.load_single_file(
+    first = compvis.save_single_file(sd, tmp_path / "a.safetensors")
+    loaded = compvis.load_single_file(
         first, unet=sd.unet.config, vae=sd.vae.config, text_encoder=sd.text_encoder.config, schedule=sd.schedule
     )
     assert loaded.version == version
-    second = convert.save_single_file(loaded, tmp_path / "b.safetensors")
+    second = compvis.save_single_file(loaded, tmp_path / "b.safetensors")
     a, b = convert.read_state_dict(first), convert.read_state_dict(second)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert_same_outputs(loaded, unet, vae, text)
@@ -207,13 +192,15 @@ def test_bfloat16_stays_within_bf16_error(checkpoint):
     x = jnp.asarray(rng.standard_normal((1, 16, 16, 4)), jnp.float32)
     context = jnp.asarray(rng.standard_normal((1, 77, sd.unet.config.cross_attention_dim)), jnp.float32)
     ids = jnp.asarray(sd.tokenizer("an astronaut riding a horse"))
-    full = sd.unet(x, 500, context)
-    low = half.unet(x.astype(jnp.bfloat16), 500, context.astype(jnp.bfloat16))
+    t = jnp.asarray(500)
+    full = apply(sd.unet, x, t, context)
+    low = apply(half.unet, x.astype(jnp.bfloat16), t, context.astype(jnp.bfloat16))
     assert low.dtype == jnp.bfloat16
     assert rel_err(low.astype(jnp.float32), full) < 3e-2
-    assert rel_err(half.vae.decode(x.astype(jnp.bfloat16)).astype(jnp.float32), sd.vae.decode(x)) < 3e-2
-    text_low = half.text_encoder(ids).last_hidden_state.astype(jnp.float32)
-    assert rel_err(text_low, sd.text_encoder(ids).last_hidden_state) < 3e-2
+    decoded = apply(half.vae, x.astype(jnp.bfloat16), method="decode").astype(jnp.float32)
+    assert rel_err(decoded, apply(sd.vae, x, method="decode")) < 3e-2
+    text_low = apply(half.text_encoder, ids).last_hidden_state.astype(jnp.float32)
+    assert rel_err(text_low, apply(sd.text_encoder, ids).last_hidden_state) < 3e-2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +212,7 @@ def test_wrong_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder: .*nowhere"):
         convert.load_diffusers(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no such checkpoint file: .*missing.safetensors"):
-        convert.load_single_file(tmp_path / "missing.safetensors")
+        compvis.load_single_file(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="is a folder"):
         convert.read_state_dict(tmp_path)
     (tmp_path / "model.onnx").write_bytes(b"x")
@@ -289,7 +276,7 @@ def test_ckpt_state_dict_is_unwrapped(tmp_path):
 def test_missing_unexpected_and_misshapen_tensors_are_listed(checkpoint, tmp_path):
     version, folder, (unet, _, _) = checkpoint
     weights = {k: v.numpy() for k, v in unet.state_dict().items()}
-    model = convert._abstract(convert.UNet2D, convert.UNetConfig.from_diffusers(dict(unet.config)))
+    model = convert.abstract(convert.UNet2D, convert.UNetConfig.from_diffusers(dict(unet.config)))
     broken = dict(weights)
     del broken["conv_in.weight"], broken["mid_block.resnets.0.conv1.bias"]
     broken["lora_up.weight"] = np.zeros(3)
@@ -330,19 +317,19 @@ def test_foreign_single_file_is_refused(tmp_path):
 
     save_file({"conditioner.embedders.0.transformer.x": np.zeros(2, np.float32)}, str(tmp_path / "sdxl.safetensors"))
     with pytest.raises(ValueError, match=r"not a Stable Diffusion 1.x/2.x single-file checkpoint.*conditioner"):
-        convert.load_single_file(tmp_path / "sdxl.safetensors")
+        compvis.load_single_file(tmp_path / "sdxl.safetensors")
 
 
 def test_incomplete_single_file_lists_what_is_missing(checkpoint, tmp_path):
     _, folder, _ = checkpoint
     sd = convert.load_diffusers(folder)
-    ckpt = convert.to_compvis(sd)
+    ckpt = compvis.to_compvis(sd)
     del ckpt["model.diffusion_model.out.2.weight"]
     from safetensors.numpy import save_file
 
     save_file(ckpt, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match=r"lacks 1 tensors .*model.diffusion_model.out.2.weight"):
-        convert.load_single_file(
+        compvis.load_single_file(
             tmp_path / "partial.safetensors",
             unet=sd.unet.config,
             vae=sd.vae.config,
@@ -367,7 +354,7 @@ def test_sdjax_layout_and_cli_round_trip(checkpoint, tmp_path, capsys):
     assert (tmp_path / "one.safetensors").is_file()
     # a single file does not record configs: the tiny ones are passed here (the CLI assumes SD's own)
     sd = convert.load_sdjax(tmp_path / "native")
-    single = convert.load_single_file(
+    single = compvis.load_single_file(
         tmp_path / "one.safetensors",
         unet=sd.unet.config,
         vae=sd.vae.config,

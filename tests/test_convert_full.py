@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdjax import convert
+from sdjax import compvis, convert
 from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.tokenizer import CLIPTokenizer
-from tests.reference import nchw, nhwc, rel_err
+from tests.helpers import nchw, nhwc, rel_err
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-4
@@ -117,7 +117,7 @@ def test_sd15_single_file_agrees_with_diffusers(sd15_folder, tmp_path):
 
     sd = convert.load_diffusers(sd15_folder)
     start = time.time()
-    path = convert.save_single_file(sd, tmp_path / "sd15.safetensors")
+    path = compvis.save_single_file(sd, tmp_path / "sd15.safetensors")
     print(f"\nwrote the CompVis single file ({path.stat().st_size / 1e9:.2f} GB) in {time.time() - start:.0f} s")
     del sd
     gc.collect()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdjax import data
+from sdjax import data, devices
 from sdjax.data import hub, shapes
 from sdjax.data.shapes import ShapeObject, ShapesSample
 
@@ -343,13 +343,13 @@ def test_iterate_batches_epochs_and_plain_arrays():
 
 
 def test_shard_batch_and_replicate_on_local_devices():
-    for mesh in (data.local_mesh(), data.local_mesh(jax.local_devices()[:1])):
+    for mesh in (devices.local_mesh(), devices.local_mesh(jax.local_devices()[:1])):
         n_devices = mesh.shape["data"]
         batch = {"x": np.arange(n_devices * 4 * 3, dtype=np.float32).reshape(n_devices * 4, 3)}
-        sharded = data.shard_batch(batch, mesh)
+        sharded = devices.shard_batch(batch, mesh)
         np.testing.assert_array_equal(np.asarray(sharded["x"]), batch["x"])
         assert sharded["x"].sharding.spec == jax.sharding.PartitionSpec("data")
-        params = data.replicate({"w": np.ones((2, 2), np.float32)}, mesh)
+        params = devices.replicate({"w": np.ones((2, 2), np.float32)}, mesh)
         assert params["w"].sharding.is_fully_replicated
 
 
@@ -358,7 +358,7 @@ def test_shard_batch_splits_across_devices_and_explains_bad_batch_sizes():
     script = textwrap.dedent(
         """
         import jax, numpy as np
-        from sdjax.data import local_mesh, shard_batch
+        from sdjax.devices import local_mesh, shard_batch
         mesh = local_mesh()
         assert mesh.shape["data"] == 4, mesh
         x = shard_batch(np.zeros((8, 5), np.float32), mesh)

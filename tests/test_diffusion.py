@@ -20,23 +20,17 @@ import optax
 import pytest
 from flax import nnx
 
-from sdjax import diffusion
+from sdjax import chain, diffusion
 from sdjax.data import make_shapes
-from sdjax.diffusion import Sampler, diffusion_loss, sample, sample_loop
+from sdjax.diffusion import diffusion_loss, sample, sample_loop
 from sdjax.models.unet import UNet2D, UNetConfig
+from sdjax.samplers import make
 from sdjax.schedulers import NoiseSchedule
 from sdjax.train import fit
-from tests.reference import load_torch_state, nchw, nhwc, rel_err
+from tests.helpers import PIXEL_UNET, load_torch_state, nchw, nhwc, rel_err
 
-TINY = UNetConfig(
-    sample_size=8,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=8,
-)
+# tests/helpers.py's pixel UNet, on 8 × 8 images with half the channels
+TINY = UNetConfig(**{**PIXEL_UNET, "sample_size": 8, "block_out_channels": (16, 32)}, layers_per_block=1)
 PIXEL = NoiseSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, timestep_spacing="trailing")
 SD15 = NoiseSchedule.sd15()
 
@@ -84,8 +78,8 @@ def test_loss_of_zero_model_is_noise_variance():
 
 @pytest.mark.parametrize(
     "sampler",
-    [Sampler("ddpm", 10), Sampler("ddim", 10), Sampler("ddim", 10, eta=0.7), Sampler("plms", 10),
-     Sampler("euler_a", 10), Sampler("heun", 6), Sampler("dpmpp_2m", 10, karras=True)],
+    [make("ddpm", 10), make("ddim", 10), make("ddim", 10, eta=0.7), make("plms", 10),
+     make("euler_a", 10), make("heun", 6), make("dpmpp_2m", 10, karras=True)],
     ids=["ddpm", "ddim", "ddim-eta", "plms", "euler_a", "heun", "dpmpp_2m-karras"],
 )  # fmt: skip
 def test_compiled_and_stepwise_loops_identical(sampler):
@@ -105,31 +99,31 @@ def test_compiled_and_stepwise_loops_identical(sampler):
 
 def test_same_key_same_samples_other_key_other_samples():
     model = tiny_unet()
-    a = sample(model, PIXEL, jax.random.PRNGKey(0), (2, 8, 8, 3), sampler=Sampler("ddpm", 5))
-    b = sample(model, PIXEL, jax.random.PRNGKey(0), (2, 8, 8, 3), sampler=Sampler("ddpm", 5))
-    c = sample(model, PIXEL, jax.random.PRNGKey(1), (2, 8, 8, 3), sampler=Sampler("ddpm", 5))
+    a = sample(model, PIXEL, jax.random.PRNGKey(0), (2, 8, 8, 3), sampler=make("ddpm", 5))
+    b = sample(model, PIXEL, jax.random.PRNGKey(0), (2, 8, 8, 3), sampler=make("ddpm", 5))
+    c = sample(model, PIXEL, jax.random.PRNGKey(1), (2, 8, 8, 3), sampler=make("ddpm", 5))
     np.testing.assert_array_equal(a, b)
     assert np.max(np.abs(np.asarray(a) - np.asarray(c))) > 0.1
 
 
 def test_sampler_plan():
-    plan = Sampler("ddim", 10).plan(PIXEL)
+    plan = make("ddim", 10).plan(PIXEL)
     np.testing.assert_array_equal(plan.t, np.arange(999, 0, -100))  # trailing: starts at T − 1
     np.testing.assert_array_equal(plan.prev_t, plan.t - 100)
-    plan = Sampler("ddpm", 1000).plan(PIXEL)
+    plan = make("ddpm", 1000).plan(PIXEL)
     np.testing.assert_array_equal(plan.t, np.arange(999, -1, -1))
     np.testing.assert_array_equal(plan.prev_t, np.arange(998, -2, -1))
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="expected one of"):
-        Sampler("dpm_3m")
+        make("dpm_3m")
     with pytest.raises(ValueError, match="eta"):
-        Sampler("ddim", eta=1.5)
+        make("ddim", eta=1.5)
     with pytest.raises(ValueError, match="shape"):
         sample(tiny_unet(), PIXEL, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="num_inference_steps"):
-        sample(tiny_unet(), PIXEL, jax.random.PRNGKey(0), (1, 8, 8, 3), sampler=Sampler("ddim", 2000))
+        sample(tiny_unet(), PIXEL, jax.random.PRNGKey(0), (1, 8, 8, 3), sampler=make("ddim", 2000))
 
 
 def test_bf16_model_keeps_float32_chain():
@@ -137,7 +131,7 @@ def test_bf16_model_keeps_float32_chain():
     model = tiny_unet()
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state))
-    x = sample(model, PIXEL, jax.random.PRNGKey(0), (1, 8, 8, 3), sampler=Sampler("ddim", 5))
+    x = sample(model, PIXEL, jax.random.PRNGKey(0), (1, 8, 8, 3), sampler=make("ddim", 5))
     assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))
 
 
@@ -183,7 +177,8 @@ def diffusers_chain(ref, schedule, sampler, x_T, noises, monkeypatch, ours=None)
             x_prev = sched.step(out, t, x, **extra).prev_sample
             if ours is not None:
                 x_t, z = jnp.asarray(nhwc(x.numpy())), None if extra.get("eta") == 0 else jnp.asarray(noises[i])
-                step, _, _, _ = diffusion.model_step(ours, schedule, sampler, plan, i, x_t, {}, z)
+                model = lambda x, t, extra: ours(x, jnp.full((x.shape[0],), t))  # noqa: E731
+                step = chain.step(model, sampler.chain(schedule), i, x_t, {}, noise=lambda i, z=z: z).x
                 worst_step = max(worst_step, rel_err(step, nhwc(x_prev.numpy())))
             x = x_prev
     if sampler.name == "ddpm":  # noise is drawn on every step but one at t = 0 (none in these chains)
@@ -193,7 +188,7 @@ def diffusers_chain(ref, schedule, sampler, x_T, noises, monkeypatch, ours=None)
 
 @pytest.mark.parametrize("schedule", [PIXEL, SD15, dataclasses.replace(SD15, prediction_type="v_prediction")],
                          ids=["pixel", "sd15", "sd15-v"])  # fmt: skip
-@pytest.mark.parametrize("sampler", [Sampler("ddim", 20), Sampler("ddim", 10, eta=1.0), Sampler("ddpm", 10)],
+@pytest.mark.parametrize("sampler", [make("ddim", 20), make("ddim", 10, eta=1.0), make("ddpm", 10)],
                          ids=["ddim", "ddim-eta1", "ddpm"])  # fmt: skip
 def test_chain_matches_diffusers(schedule, sampler, monkeypatch):
     """Each step, fed diffusers' x_t, agrees to 1e-5. The free-running chains may drift further
@@ -204,8 +199,8 @@ def test_chain_matches_diffusers(schedule, sampler, monkeypatch):
     ref, ours = reference_pair()
     key, shape = jax.random.PRNGKey(5), (2, 8, 8, 3)
     x_T = diffusion.initial_noise(key, shape)
-    noisy = Sampler("ddim", sampler.steps, eta=1.0)  # (DDIM with η = 0 draws no noise; diffusers gets it anyway)
-    noises = [np.asarray(diffusion.step_noise(noisy, key, i, shape)) for i in range(sampler.steps)]
+    noise = diffusion.step_noise(key, shape)  # (DDIM with η = 0 draws no noise; diffusers gets it anyway)
+    noises = [np.asarray(noise(i)) for i in range(sampler.steps)]
     with monkeypatch.context() as m:
         want, worst_step = diffusers_chain(ref, schedule, sampler, x_T, noises, m, ours=ours)
     assert worst_step < 1e-5

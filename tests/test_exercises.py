@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from sdjax import editions
 from sdjax import exercises as ex
 from sdjax.models.autoencoder import reconstruction_loss
 from sdjax.models.vae import kl_divergence, reparameterize
@@ -215,9 +216,10 @@ def test_strip_solutions(tmp_path):
         "    # END SOLUTION\n\n"
         "check(f)\n"
     )
-    assert ex.strip_source(source) == "import jax.numpy as jnp\n\ndef f(x):\n    ...  # YOUR CODE HERE\n\ncheck(f)\n"
+    stripped = editions.strip_source(source)
+    assert stripped == "import jax.numpy as jnp\n\ndef f(x):\n    ...  # YOUR CODE HERE\n\ncheck(f)\n"
     with pytest.raises(ValueError, match="unbalanced"):
-        ex.strip_source("# BEGIN SOLUTION\nx = 1\n")
+        editions.strip_source("# BEGIN SOLUTION\nx = 1\n")
 
     nb = {
         "cells": [
@@ -235,8 +237,67 @@ def test_strip_solutions(tmp_path):
         "nbformat_minor": 5,
     }
     (tmp_path / "a.ipynb").write_text(json.dumps(nb))
-    assert ex.strip_notebook(tmp_path / "a.ipynb", tmp_path / "out" / "a.ipynb") == 1
+    assert editions.strip_notebook(tmp_path / "a.ipynb", tmp_path / "out" / "a.ipynb") == 1
     out = json.loads((tmp_path / "out" / "a.ipynb").read_text())
     assert "y = x * 2" not in "".join(out["cells"][1]["source"])
     assert out["cells"][1]["outputs"] == [] and out["cells"][1]["execution_count"] is None
     assert out["cells"][0] == nb["cells"][0]
+
+
+def placeholder(*args):
+    "What an exercise's function is in the student edition before the learner writes it."
+    ...  # YOUR CODE HERE
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_open_exercise_is_reported_not_raised(name, capsys, monkeypatch):
+    monkeypatch.setattr(ex, "_verdicts", {})
+    exercise = ex.EXERCISES[name]
+    assert CASES[name][0](placeholder) is False
+    assert capsys.readouterr().out == (
+        f"○ exercise {exercise.number} of notebook {exercise.notebook} ({name}) is still open: write the body of "
+        f"{name} in place of `...  # YOUR CODE HERE` (and `return` the result), run its cell, then this check again.\n"
+    )
+    assert ex._verdicts == {name: "open"}
+
+
+def test_strip_source_writes_the_placeholder_the_checks_recognise():
+    assert editions.strip_source("def f(x):\n    # BEGIN SOLUTION\n    return x\n    # END SOLUTION\n") == (
+        f"def f(x):\n    {ex.PLACEHOLDER}\n"
+    )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_sdjax_version_passes_its_check(name):
+    # what a notebook uses in place of an open exercise: sdjax's answer, with the exercise's signature
+    assert CASES[name][0](ex.sdjax_version(name)) is True
+
+
+def test_every_exercise_is_registered_once():
+    assert sorted(ex.EXERCISES) == sorted(CASES)
+    assert len({(e.notebook, e.number) for e in ex.EXERCISES.values()}) == len(CASES)
+    with pytest.raises(KeyError, match="no exercise named 'q_smaple'; the exercises are upsample_nearest"):
+        ex.sdjax_version("q_smaple")
+
+
+def test_summary_lists_correct_wrong_open_and_unchecked(capsys, monkeypatch):
+    monkeypatch.setattr(ex, "_verdicts", {})
+    ex.check_q_sample(CASES["q_sample"][1])
+    with pytest.raises(ex.ExerciseError):
+        ex.check_ddpm_step(CASES["ddpm_step"][2][0][0])
+    ex.check_euler_step(placeholder)
+    capsys.readouterr()
+    ex.summary("03")
+    assert capsys.readouterr().out.splitlines() == [
+        "Exercises, notebook 03: 1 of 2 correct.",
+        "  ✓ exercise 1 of notebook 03 (q_sample): correct",
+        "  ✗ exercise 2 of notebook 03 (ddpm_step): wrong: ddpm_step at t=500: σ_t² = β_t is DDPM's other choice "
+        '("fixed_large"); this exercise asks for the posterior variance β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t.',
+    ]
+    ex.summary()
+    assert capsys.readouterr().out.splitlines()[0] == "Exercises, checked so far: 1 of 3 correct."
+    ex.summary("02")
+    unchecked = "· exercise 1 of notebook 02 (reparameterize): not checked yet: run its check cell"
+    assert unchecked in capsys.readouterr().out
+    ex.summary("08")
+    assert capsys.readouterr().out == "notebook 08 has no exercises\n"

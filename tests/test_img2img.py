@@ -1,17 +1,17 @@
 """img2img and inpainting against diffusers' ``StableDiffusionImg2ImgPipeline`` and
 ``StableDiffusionInpaintPipeline``, image for image.
 
-The tiny random SD1-style models of :mod:`tests.test_pipeline` (32 × 32 images, 4 × 4 latents), once
-with an ordinary UNet (img2img; inpainting by latent blending) and once with an inpainting UNet (9
-input channels). Both libraries draw random numbers twice before denoising: the VAE posterior's ε
-(the image is encoded to a *sample* z = μ + σ ε, in both) and the forward process's ε. diffusers
-draws them with ``randn_tensor``, which the tests replace by a function handing out known arrays
-(:func:`known_noise`); sdjax is given the same arrays as ``vae_noise`` and ``noise``. The samplers
-compared are the deterministic ones, so the runs are then the same computation, and images must
-agree within 1e-3 (images in [0, 1], float32; 4 steps, guidance 7.5). Measured, img2img at strength
-0.6: ddim 3.1e-6, plms 2.9e-6, euler 5.3e-6, dpmpp_2m 2.3e-6, lms 6.8e-6, heun 3.0e-6; euler at 1.0
-2.2e-6; the single file as the folder. Inpainting UNet: ddim 8e-7, euler 1.4e-6; latent blending:
-plms 2.9e-6, heun 1.1e-6, dpmpp_2m 3.0e-6.
+The tiny random SD1-style models of :func:`tests.helpers.tiny_pipeline` (32 × 32 images, 4 × 4
+latents), once with an ordinary UNet (img2img; inpainting by latent blending) and once with an
+inpainting UNet (9 input channels). Both libraries draw random numbers twice before denoising: the
+VAE posterior's ε (the image is encoded to a *sample* z = μ + σ ε, in both) and the forward
+process's ε. diffusers draws them with ``randn_tensor``, which the tests replace by a function
+handing out known arrays (:func:`known_noise`); sdjax is given the same arrays as ``vae_noise`` and
+``noise``. The samplers compared are the deterministic ones, so the runs are then the same
+computation, and images must agree within 1e-3 (images in [0, 1], float32; 4 steps, guidance 7.5).
+Measured, img2img at strength 0.6: ddim 3.1e-6, plms 2.9e-6, euler 5.3e-6, dpmpp_2m 2.3e-6, lms
+6.8e-6, heun 3.0e-6; euler at 1.0 2.2e-6; the single file as the folder. Inpainting UNet: ddim 8e-7,
+euler 1.4e-6; latent blending: plms 2.9e-6, heun 1.1e-6, dpmpp_2m 3.0e-6.
 """
 
 import dataclasses
@@ -20,13 +20,15 @@ import numpy as np
 import pytest
 
 import sdjax
-from sdjax import convert
-from sdjax.pipeline import load_masks, start_step
-from sdjax.samplers import Sampler
-from tests.test_pipeline import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, tiny_pipeline
+from sdjax import compvis, convert
+from sdjax.images import load_masks
+from sdjax.img2img import start_step
+from sdjax.samplers import make
+from tests.helpers import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, diffusers_images, tiny_pipeline
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
 
 PARITY_ATOL = 1e-3
 STEPS = 4
@@ -96,34 +98,29 @@ def known_noise(monkeypatch):
 def reference_img2img(reference, known_noise, scheduler, images, noise, vae_noise, strength):
     known_noise("models.autoencoders.vae", vae_noise)  # the posterior sample's ε
     known_noise("pipelines.stable_diffusion.pipeline_stable_diffusion_img2img", noise)
-    reference.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(reference.scheduler.config)
-    with torch.no_grad():
-        return reference(
-            PROMPTS,
-            image=images,
-            strength=strength,
-            negative_prompt=NEGATIVES,
-            num_inference_steps=STEPS,
-            output_type="np",
-        ).images
+    return diffusers_images(reference, scheduler, image=images, strength=strength, num_inference_steps=STEPS)
 
 
 def reference_inpaint(reference, known_noise, scheduler, image, mask, noise, vae_noise, strength):
     known_noise("models.autoencoders.vae", vae_noise)
     known_noise("pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint", noise)
-    reference.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(reference.scheduler.config)
-    with torch.no_grad():
-        return reference(
-            PROMPTS,
-            image=image,
-            mask_image=mask,
-            height=SIZE,
-            width=SIZE,
-            strength=strength,
-            negative_prompt=NEGATIVES,
-            num_inference_steps=STEPS,
-            output_type="np",
-        ).images
+    return diffusers_images(
+        reference,
+        scheduler,
+        image=image,
+        mask_image=mask,
+        height=SIZE,
+        width=SIZE,
+        strength=strength,
+        num_inference_steps=STEPS,
+    )
+
+
+def sdjax_inpaint(pipe, scheduler, image, mask, noise, vae_noise, strength):
+    """``pipe.inpaint`` of :data:`PROMPTS` with the inputs diffusers got in :func:`reference_inpaint`."""
+    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=STEPS, scheduler=scheduler, output_type="np")
+    vae_noise = np.repeat(vae_noise[:1], 2, axis=0)  # diffusers encodes the one image once
+    return pipe.inpaint(PROMPTS, image, mask, strength=strength, noise=noise, vae_noise=vae_noise, **kwargs)
 
 
 def check(got, want, label):
@@ -167,7 +164,7 @@ def test_img2img_single_file(models, known_noise, tmp_path):
     """The same weights as a CompVis single file: the same images as diffusers' (and as the folder's)."""
     reference, _, pipe = models
     sd = pipe.components
-    path = convert.save_single_file(sd, tmp_path / "model.safetensors")
+    path = compvis.save_single_file(sd, tmp_path / "model.safetensors")
     single = sdjax.StableDiffusion.from_pretrained(
         path, unet=sd.unet.config, vae=sd.vae.config, text_encoder=sd.text_encoder.config, schedule=sd.schedule
     )
@@ -237,20 +234,20 @@ def test_start_step_and_plan_cut():
     from sdjax.schedulers import NoiseSchedule
 
     schedule = NoiseSchedule.sd15()
-    whole, cut = Sampler("heun", 4).plan(schedule), Sampler("heun", 4).plan(schedule, start=2)
+    whole, cut = make("heun", 4).plan(schedule), make("heun", 4).plan(schedule, start=2)
     np.testing.assert_array_equal(cut.timesteps, whole.timesteps[4:])  # 2 steps of 2 evaluations each…
     np.testing.assert_array_equal(cut.sigmas, whole.sigmas[4:])  # …but the last is 1: 3 evaluations
     assert len(cut.timesteps) == 3
-    plms = Sampler("plms", 4).plan(schedule, start=2)  # PNDM's list [751, 501, 501, 251, 1] cut at 2
+    plms = make("plms", 4).plan(schedule, start=2)  # PNDM's list [751, 501, 501, 251, 1] cut at 2
     np.testing.assert_array_equal(plms.timesteps, [501, 251, 1])
     np.testing.assert_array_equal(plms.t, [501, 501, 1])  # evaluation 1 redoes 501 → 251
     np.testing.assert_array_equal(plms.prev_t, [251, 251, -249])
-    plms = Sampler("plms", 4).plan(schedule, start=1)  # cut inside the doubled evaluation
+    plms = make("plms", 4).plan(schedule, start=1)  # cut inside the doubled evaluation
     np.testing.assert_array_equal(plms.timesteps, [501, 501, 251, 1])
     np.testing.assert_array_equal(plms.t, [501, 751, 251, 1])  # evaluation 1 "redoes" 751 → 501
     np.testing.assert_array_equal(plms.prev_t, [251, 501, 1, -249])
     with pytest.raises(ValueError, match="start=4: expected 0 ≤ start < steps=4"):
-        Sampler("ddim", 4).plan(schedule, start=4)
+        make("ddim", 4).plan(schedule, start=4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,18 +262,7 @@ def test_inpainting_unet_matches_diffusers(inpainting_models, known_noise, sched
     images, noise, vae_noise = inputs(n_images=1)
     mask = a_mask()
     want = reference_inpaint(reference, known_noise, scheduler, images, mask, noise, vae_noise, strength)
-    got = pipe.inpaint(
-        PROMPTS,
-        images,
-        mask,
-        strength=strength,
-        negative_prompt=NEGATIVES,
-        num_inference_steps=STEPS,
-        scheduler=scheduler,
-        output_type="np",
-        noise=noise,
-        vae_noise=np.repeat(vae_noise[:1], 2, axis=0),  # diffusers encodes the one image once
-    )
+    got = sdjax_inpaint(pipe, scheduler, images, mask, noise, vae_noise, strength)
     check(got, want, f"inpaint (9 channels) {scheduler} strength {strength}")
 
 
@@ -291,18 +277,7 @@ def test_latent_blending_matches_diffusers(models, known_noise, scheduler, stren
     images, noise, vae_noise = inputs(n_images=1)
     mask = Image.fromarray(np.round(a_mask() * 255).astype(np.uint8)).convert("RGB")
     want = reference_inpaint(reference, known_noise, scheduler, images, mask, noise, vae_noise, strength)
-    got = pipe.inpaint(
-        PROMPTS,
-        images,
-        mask,
-        strength=strength,
-        negative_prompt=NEGATIVES,
-        num_inference_steps=STEPS,
-        scheduler=scheduler,
-        output_type="np",
-        noise=noise,
-        vae_noise=np.repeat(vae_noise[:1], 2, axis=0),
-    )
+    got = sdjax_inpaint(pipe, scheduler, images, mask, noise, vae_noise, strength)
     check(got, want, f"inpaint (blending) {scheduler} strength {strength}")
 
 
@@ -311,10 +286,10 @@ def test_inpainting_single_file(inpainting_models, known_noise, tmp_path):
     config given says 4), and the file round-trips."""
     reference, pipe = inpainting_models
     sd = pipe.components
-    path = convert.save_single_file(sd, tmp_path / "inpainting.safetensors")
+    path = compvis.save_single_file(sd, tmp_path / "inpainting.safetensors")
     ckpt = convert.read_state_dict(path)
     assert ckpt["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 9
-    assert convert.unet_in_channels(ckpt) == 9
+    assert compvis.unet_in_channels(ckpt) == 9
     single = sdjax.StableDiffusion.from_pretrained(
         path,
         unet=dataclasses.replace(sd.unet.config, in_channels=4),
@@ -323,23 +298,13 @@ def test_inpainting_single_file(inpainting_models, known_noise, tmp_path):
         schedule=sd.schedule,
     )
     assert single.unet.config.in_channels == 9 and single.is_inpainting_model
-    assert convert.to_compvis(single.components).keys() == ckpt.keys()
-    for name, weight in convert.to_compvis(single.components).items():
+    assert compvis.to_compvis(single.components).keys() == ckpt.keys()
+    for name, weight in compvis.to_compvis(single.components).items():
         np.testing.assert_array_equal(weight, ckpt[name], err_msg=name)
 
     images, noise, vae_noise = inputs(n_images=1)
     want = reference_inpaint(reference, known_noise, "ddim", images, a_mask(), noise, vae_noise, 1.0)
-    got = single.inpaint(
-        PROMPTS,
-        images,
-        a_mask(),
-        negative_prompt=NEGATIVES,
-        num_inference_steps=STEPS,
-        scheduler="ddim",
-        output_type="np",
-        noise=noise,
-        vae_noise=np.repeat(vae_noise[:1], 2, axis=0),
-    )
+    got = sdjax_inpaint(single, "ddim", images, a_mask(), noise, vae_noise, 1.0)  # 1.0: the default
     check(got, want, "inpaint single file ddim")
 
 
@@ -406,3 +371,15 @@ def test_errors(models, inpainting_models):
         inpainter.img2img("a cat", images)
     with pytest.raises(ValueError, match="cannot run txt2img; it is an inpainting model: use inpaint"):
         inpainter("a cat")
+
+
+def test_stepwise_inpainting_is_the_compiled_chain_to_the_bit(models, inpainting_models):
+    """The step-by-step chain (a callback) runs the same steps as the compiled one, to the bit, with
+    latent blending (a 4-channel UNet) and with an inpainting UNet's extra input channels."""
+    images, noise, vae_noise = inputs(n_images=1)
+    kwargs = dict(strength=0.6, num_inference_steps=STEPS, scheduler="euler_a", output_type="latent", seed=2)
+    for pipe in (models[2], inpainting_models[1]):
+        seen = []
+        stepwise = pipe.inpaint(PROMPTS, images, a_mask(), callback=lambda i, t, x, seen=seen: seen.append(i), **kwargs)
+        np.testing.assert_array_equal(stepwise, pipe.inpaint(PROMPTS, images, a_mask(), **kwargs))
+        assert seen == list(range(len(seen))) and len(seen) > 1

@@ -28,7 +28,16 @@ from sdjax.io import flatten
 from sdjax.models import UNetConfig
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D
-from tests.reference import load_torch_state, nchw, nhwc, rel_err
+from tests.helpers import (
+    SD1_TEXT,
+    load_torch_state,
+    nchw,
+    nhwc,
+    reference_pipeline,
+    reference_text_encoder,
+    reference_unet,
+    rel_err,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -36,27 +45,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 RTOL = 1e-5
-UNET = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=4,
-    cross_attention_dim=32,
-)
-TEXT = dict(
-    vocab_size=1000,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-    max_position_embeddings=77,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
+# the networks: tests/helpers.py's tiny SD1-style UNet as it is, its text encoder with 1000 tokens and SD1's
+# legacy special ids (quick GELU: the default of transformers and sdjax alike)
+TEXT = {**SD1_TEXT, "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
@@ -79,8 +70,8 @@ class Reference:
 
     def __init__(self, folder):
         torch.manual_seed(0)
-        self.unet = diffusers.UNet2DConditionModel(**UNET).eval()
-        self.text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)).eval()
+        self.unet = reference_unet()
+        self.text = reference_text_encoder(**TEXT)
         self.base_unet, self.base_text = copy.deepcopy(self.unet), copy.deepcopy(self.text)
         self.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS))
         self.text.add_adapter(peft.LoraConfig(r=4, lora_alpha=2, target_modules=TEXT_TARGETS))
@@ -118,15 +109,12 @@ class Reference:
 
     def pipeline(self, lora_file=None, scale=1.0):
         """A diffusers pipeline (UNet and text encoder only) on fresh base copies, with ``lora_file`` loaded."""
-        pipe = diffusers.StableDiffusionPipeline(
+        pipe = reference_pipeline(
             vae=None,
             text_encoder=copy.deepcopy(self.base_text),
             tokenizer=None,
             unet=copy.deepcopy(self.base_unet),
             scheduler=None,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
         )
         if lora_file is not None:
             pipe.load_lora_weights(lora_file, adapter_name="test")

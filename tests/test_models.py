@@ -14,7 +14,8 @@ from sdjax.data import make_shapes
 from sdjax.models import Autoencoder, AutoencoderConfig, AutoencoderKL, VAEConfig, autoencoder_loss, vae_loss
 from sdjax.models.vae import DiagonalGaussian, kl_divergence, reparameterize, tiled
 from sdjax.train import fit
-from tests.reference import load_torch_state, nchw, nhwc, rel_err
+from tests.helpers import load_torch_state, nchw, nhwc, rel_err
+from tests.helpers import reference_vae as diffusers_vae
 
 TINY = dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8)
 
@@ -85,7 +86,8 @@ def test_vae_loss_gradient_reaches_the_encoder():
     model = AutoencoderKL(VAEConfig(**TINY), rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
     graphdef, params = nnx.split(model, nnx.Param)
-    grads = jax.grad(lambda p: vae_loss(nnx.merge(graphdef, p), {"image": x}, jax.random.PRNGKey(2))[0])(params)
+    loss = lambda p: vae_loss(nnx.merge(graphdef, p), {"image": x}, jax.random.PRNGKey(2))[0]  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)  # one compiled program (eager would compile op by op)
     assert float(jnp.abs(grads["encoder"]["conv_in"]["kernel"][...]).max()) > 0
     assert float(jnp.abs(grads["quant_conv"]["kernel"][...]).max()) > 0
 
@@ -99,19 +101,9 @@ def reference_vae():
     """(diffusers' AutoencoderKL in the TINY config, random; sdjax's with the same weights). Its
     sample_size of 32 pixels is also the tile size of its ``enable_tiling()`` (8 latents, f = 4)."""
     torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    ).eval()
+    ref = diffusers_vae(**TINY, in_channels=3, out_channels=3, sample_size=32)
     ours = AutoencoderKL(VAEConfig(**TINY), rngs=nnx.Rngs(0))
     load_torch_state(ours, ref.state_dict())
     return ref, ours

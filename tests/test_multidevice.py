@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
     shardings = []
     real = pipeline._denoise
     def spy(*args):
-        shardings.append(args[7].sharding)
+        shardings.append(args[5].sharding)  # x: (graphdef, state, dtype, progress, chain, x, …)
         return real(*args)
     pipeline._denoise = spy
     prompts = ["a red fox", "a blue bird on a branch", "a green tree"]

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from sdjax.nn import Downsample, ResnetBlock, SelfAttention, Upsample, sinusoidal_embedding, upsample_nearest
-from tests.reference import load_torch_state, nchw, nhwc, rel_err
+from tests.helpers import load_torch_state, nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch", reason="the reference extra (pip install -e '.[reference]') provides torch")
 diffusers = pytest.importorskip("diffusers")

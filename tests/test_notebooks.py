@@ -1,11 +1,17 @@
-"""The committed notebooks: valid, executed in full (real outputs, no errors), exercises marked; and
-the runner's clean-up of progress-bar output. CI executes them separately in quick mode."""
+"""The committed notebooks: valid, executed in full (real outputs, no errors), exercises marked; the
+runner's clean-up of progress-bar output; the dtype the notebooks' first cell picks for the machine. CI
+executes the notebooks separately in quick mode."""
 
 import importlib.util
 from pathlib import Path
 
+import jax
+import matplotlib.pyplot as plt
 import nbformat
 import pytest
+
+import sdjax.notebook
+from sdjax.notebook import NotebookEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
@@ -48,3 +54,39 @@ def test_collapse_streams_keeps_what_the_reader_saw():
     nbformat.validate(nb)
     assert [o.text for o in nb.cells[1].outputs] == ["train: 100%|##########|\n", "done\n"]
     assert "outputs" not in nb.cells[0]
+
+
+@pytest.mark.parametrize(
+    "backend,capability,dtype",
+    [
+        ("cpu", None, "float32"),
+        ("tpu", None, "bfloat16"),
+        ("gpu", "7.5", "float16"),  # Colab's T4: no bfloat16 on its tensor cores
+        ("gpu", "7.0", "float16"),  # V100
+        ("gpu", "8.0", "bfloat16"),  # A100
+        ("gpu", "8.9", "bfloat16"),  # L4
+        ("gpu", "10.0", "bfloat16"),  # B200: compared as numbers, not strings
+        ("gpu", None, "float16"),
+        ("gpu", "gfx90a", "float16"),  # not a CUDA capability: the half precision every GPU has
+    ],
+)
+def test_notebook_dtype(backend, capability, dtype):
+    env = NotebookEnv(quick=False, online=False, backend=backend, devices=1, compute_capability=capability)
+    assert env.dtype == dtype
+
+
+def test_setup_reads_the_gpu_and_says_which_dtype(monkeypatch, capsys):
+    class T4:
+        platform = "gpu"
+        compute_capability = "7.5"
+
+    monkeypatch.setattr(jax, "devices", lambda *args: [T4()])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda *args: 1)
+    monkeypatch.setattr(plt, "rcParams", plt.rcParams.copy())  # setup() sets plotting defaults
+    monkeypatch.setenv("SDJAX_OFFLINE", "1")
+    monkeypatch.delenv("SDJAX_QUICK", raising=False)
+    env = sdjax.notebook.setup()
+    assert env == NotebookEnv(quick=False, online=False, backend="gpu", devices=1, compute_capability="7.5")
+    assert env.dtype == "float16"
+    assert "on gpu (1 device, compute capability 7.5; env.dtype float16)" in capsys.readouterr().out

@@ -2,109 +2,28 @@
 
 A tiny random SD1-style model (the structure of the real one, with a few channels per layer: a
 4-level VAE, so latents are H/8 × W/8 as in SD, a 2-level cross-attention UNet, a 2-layer CLIP text
-encoder with CLIP's real vocabulary and tokenizer) is built in diffusers, saved with
-``save_pretrained``, and loaded by sdjax. Both pipelines get the same prompts, negative prompts and
-starting latents; each deterministic sampler must give the same images to within 1e-3 (images in
-[0, 1], float32; measured, 4 steps, guidance 7.5: ddim 1.9e-6, plms 1.2e-6, euler 1.5e-6, dpmpp_2m
-1.4e-6, lms 2.0e-6, heun 1.1e-6; euler without guidance 6e-7).
+encoder with CLIP's real vocabulary and tokenizer: :func:`tests.helpers.tiny_pipeline`) is built in
+diffusers, saved with ``save_pretrained``, and loaded by sdjax. Both pipelines get the same prompts,
+negative prompts and starting latents; each deterministic sampler must give the same images to
+within 1e-3 (images in [0, 1], float32; measured, 4 steps, guidance 7.5: ddim 1.9e-6, plms 1.2e-6,
+euler 1.5e-6, dpmpp_2m 1.4e-6, lms 2.0e-6, heun 1.1e-6; euler without guidance 6e-7).
 """
-
-import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sdjax
-from sdjax import convert
-from sdjax.pipeline import sampler_from_config
-from sdjax.samplers import Sampler
-from sdjax.tokenizer import CLIPTokenizer
+from sdjax import compvis, samplers
+from sdjax.samplers import from_config as sampler_from_config
+from sdjax.samplers import make
+from tests.helpers import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, diffusers_images, tiny_pipeline
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 PARITY_ATOL = 1e-3
-SIZE = 32  # pixels; latents 4 × 4
-PROMPTS = ["a photo of an astronaut riding a horse", "a red bicycle"]
-NEGATIVES = ["blurry, low quality", ""]
-# the deterministic samplers: diffusers class each is compared with
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "plms": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
-
-
-# SD1.5's scheduler/scheduler_config.json, as released: no timestep_spacing, so each scheduler class
-# reads it with its own default ("leading" for PNDM and DDIM, "linspace" for the σ samplers)
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-
-def tiny_pipeline(folder, in_channels=4):
-    """A random diffusers StableDiffusionPipeline with SD1.5's scheduler config, saved in
-    ``folder / "model"`` and loaded back from there. ``in_channels=9``: an inpainting UNet's."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 8,
-        in_channels=in_channels,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=4,
-        cross_attention_dim=32,
-    ).eval()
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-    ).eval()
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-        )
-    ).eval()
-    CLIPTokenizer.from_bpe_file().save_folder(folder / "tokenizer_src")
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_src"),
-        unet=unet,
-        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder / "model")
-    (folder / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder / "model")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +39,15 @@ def start_latents(n=2, seed=0):
 
 
 def reference_images(reference, scheduler, latents, steps, guidance_scale):
-    reference.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(reference.scheduler.config)
-    with torch.no_grad():
-        return reference(
-            PROMPTS,
-            negative_prompt=NEGATIVES,
-            height=SIZE,
-            width=SIZE,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            latents=torch.from_numpy(latents),
-            output_type="np",
-        ).images
+    return diffusers_images(
+        reference,
+        scheduler,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        latents=torch.from_numpy(latents),
+    )
 
 
 @pytest.mark.parametrize(
@@ -173,10 +89,10 @@ def test_checkpoint_scheduler_and_output_types(models):
 
 
 def test_sampler_from_config():
-    assert sampler_from_config(None, None, 10, 0.0) == Sampler("plms", 10)
+    assert sampler_from_config(None, None, 10, 0.0) == make("plms", 10)
     euler = {"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}
-    assert sampler_from_config(euler, None, 10, 0.0) == Sampler("euler", 10, karras=True)
-    assert sampler_from_config(euler, "euler_a", 10, 0.0) == Sampler("euler_a", 10)  # no Karras σ's there
+    assert sampler_from_config(euler, None, 10, 0.0) == make("euler", 10, karras=True)
+    assert sampler_from_config(euler, "euler_a", 10, 0.0) == make("euler_a", 10)  # no Karras σ's there
     with pytest.raises(ValueError, match="UniPCMultistepScheduler, which sdjax does not implement"):
         sampler_from_config({"_class_name": "UniPCMultistepScheduler"}, None, 10, 0.0)
     with pytest.raises(ValueError, match="algorithm_type='dpmsolver'"):
@@ -186,7 +102,7 @@ def test_sampler_from_config():
 def test_single_file_gives_the_same_images(models, tmp_path):
     _, _, pipe = models
     sd = pipe.components
-    path = convert.save_single_file(sd, tmp_path / "model.safetensors")
+    path = compvis.save_single_file(sd, tmp_path / "model.safetensors")
     single = sdjax.StableDiffusion.from_pretrained(
         path, unet=sd.unet.config, vae=sd.vae.config, text_encoder=sd.text_encoder.config, schedule=sd.schedule
     )
@@ -254,3 +170,21 @@ def test_progress_bar_counts_every_evaluation_and_changes_nothing(models, capsys
     np.testing.assert_array_equal(quiet, shown)
     err = capsys.readouterr().err
     assert "heun 3 steps: 100%" in err and "5/5" in err, err
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "heun", "dpmpp_2m"])
+def test_stepwise_chain_is_the_compiled_chain_to_the_bit(models, scheduler):
+    """With a callback the chain runs one jitted step at a time (sdjax.chain.iterate) instead of one
+    lax.scan: the same latents, bit for bit (euler_a: with its per-image step noise; heun: 2N − 1
+    evaluations), and the callback sees every evaluation's timestep and latents."""
+    _, _, pipe = models
+    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=3, scheduler=scheduler, seed=1, output_type="latent")
+    seen = []
+    stepwise = pipe(PROMPTS, callback=lambda i, t, latents: seen.append((i, t, latents)), **kwargs)
+    compiled = pipe(PROMPTS, **kwargs)
+    np.testing.assert_array_equal(stepwise, compiled)
+    timesteps = samplers.make(scheduler, 3).plan(pipe.schedule).timesteps  # (the folder's schedule: same t here)
+    assert [i for i, _, _ in seen] == list(range(len(timesteps)))
+    assert all(latents.shape == compiled.shape for _, _, latents in seen)
+    np.testing.assert_array_equal(seen[-1][2], compiled)
+    assert np.max(np.abs(seen[0][2] - compiled)) > 1e-3  # the first step's latents are not the last's

@@ -9,7 +9,7 @@ import pytest
 from sdjax import metrics, pretrained, probe
 from sdjax.data import catalogue, make_shapes
 from sdjax.diffusion import sample
-from sdjax.samplers import Sampler
+from sdjax.samplers import make
 
 RECIPE = pretrained.DDPM_SHAPES16
 
@@ -87,7 +87,7 @@ def test_shipped_model_draws_every_background_evenly(cat):
     ε-prediction version of the recipe gave 78 % grey, 22 % gradient and no white or black), and the
     attribute probe reads most samples confidently. The samples are not yet pixel-exact images."""
     model, schedule = pretrained.load()
-    images = np.asarray(sample(model, schedule, jax.random.PRNGKey(0), (100, 16, 16, 3), sampler=Sampler("ddim", 50)))
+    images = np.asarray(sample(model, schedule, jax.random.PRNGKey(0), (100, 16, 16, 3), sampler=make("ddim", 50)))
     dist, idx = metrics.nearest_neighbours(images, cat.images)
     shares = np.bincount(cat.labels["background"][idx], minlength=4) / len(idx)
     # measured over 500 samples in notebook 03: 21/23/32/24 %; here (100, key 0) 12/19/37/32 %. The bounds catch the

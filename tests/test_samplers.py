@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 
 from sdjax import samplers
-from sdjax.samplers import KARRAS_SAMPLERS, SAMPLERS, Sampler, lms_coefficients, sigma_table
+from sdjax.samplers import KARRAS_SAMPLERS, SAMPLERS, Sampler, lms_coefficients, make, sigma_table
 from sdjax.schedulers import NoiseSchedule
-from tests.reference import nchw, nhwc, rel_err
-from tests.test_schedulers import SD15_CONFIG as RELEASED_SD15_CONFIG
+from tests.helpers import SD15_SCHEDULER as RELEASED_SD15_CONFIG
+from tests.helpers import nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch", reason="the reference extra (pip install -e '.[reference]') provides torch")
 diffusers = pytest.importorskip("diffusers")
@@ -38,7 +38,7 @@ RTOL = 1e-6
 CHAIN_RTOL = 2e-6
 SHAPE = (2, 8, 8, 4)  # (B, H, W, C); diffusers gets (2, 4, 8, 8)
 
-# runwayml/stable-diffusion-v1-5's scheduler_config.json (test_schedulers.py), plus the timestep_spacing
+# runwayml/stable-diffusion-v1-5's scheduler_config.json (tests/helpers.py), plus the timestep_spacing
 # that a pipeline's PNDMScheduler config carries (PNDM's default), so that the usual
 # ``X.from_config(pipe.scheduler.config)`` gives "leading" — not the "linspace" default of most classes.
 SD15_CONFIG = {**RELEASED_SD15_CONFIG, "timestep_spacing": "leading"}
@@ -169,10 +169,11 @@ def test_plan_matches_set_timesteps(name, karras, spacing, monkeypatch):
     for n in STEP_COUNTS:
         ref.set_timesteps(n)
         want_t = ref.timesteps.numpy().astype(np.float32)
-        plan = Sampler(name, n, karras=karras).plan(schedule)
+        plan = make(name, n, karras=karras).plan(schedule)
         with monkeypatch.context() as m:
-            m.setattr(samplers, "sigma_table", diffusers_sigma_table)
-            same_table = Sampler(name, n, karras=karras).plan(schedule)
+            for module in (samplers.sigma, samplers.dpm_solver):  # where the plans look the table up
+                m.setattr(module, "sigma_table", diffusers_sigma_table)
+            same_table = make(name, n, karras=karras).plan(schedule)
         np.testing.assert_array_equal(same_table.timesteps, want_t, err_msg=f"N={n}")
         assert plan.timesteps.dtype == np.float32 and plan.timesteps.shape == want_t.shape
         np.testing.assert_allclose(plan.timesteps, want_t, rtol=0, atol=6.2e-5 if karras else 0, err_msg=f"N={n}")
@@ -190,21 +191,21 @@ def test_plan_quirks():
     """Three diffusers behaviours the plans reproduce, on SD1.5 with 10 steps."""
     schedule = NoiseSchedule.from_diffusers_config(SD15_CONFIG)
     # PLMS: 11 evaluations, t_1 twice; evaluation 1 redoes step 0 (901 → 801), then DDIM's t − T/N
-    plms = Sampler("plms", 10).plan(schedule)
+    plms = make("plms", 10).plan(schedule)
     np.testing.assert_array_equal(plms.timesteps[:4], [901, 801, 801, 701])
     np.testing.assert_array_equal(plms.t[:4], [901, 901, 801, 701])
     np.testing.assert_array_equal(plms.prev_t[:4], [801, 801, 701, 601])
     assert plms.prev_t[-1] == 1 - 100  # past the end: ᾱ = ᾱ_0 (set_alpha_to_one=False)
     # DPM-Solver++ spaces N + 1 points with leading spacing: ⌊1000/11⌋ = 90 apart, not 100
-    np.testing.assert_array_equal(Sampler("dpmpp_2m", 10).plan(schedule).timesteps[:3], [901, 811, 721])
+    np.testing.assert_array_equal(make("dpmpp_2m", 10).plan(schedule).timesteps[:3], [901, 811, 721])
     # leading spacing: x_T ∼ N(0, (σ_max² + 1) I), the other spacings N(0, σ_max² I)
-    euler = Sampler("euler", 10).plan(schedule)
+    euler = make("euler", 10).plan(schedule)
     assert euler.init_noise_sigma == pytest.approx(np.sqrt(euler.sigmas[0] ** 2 + 1), rel=1e-7)
     trailing = NoiseSchedule.from_diffusers_config(SD15_CONFIG | {"timestep_spacing": "trailing"})
-    euler_trailing = Sampler("euler", 10).plan(trailing)
+    euler_trailing = make("euler", 10).plan(trailing)
     assert euler_trailing.init_noise_sigma == euler_trailing.sigmas[0]
     # Heun: 2N − 1 evaluations, the σ's and timesteps of the corrector steps repeated
-    heun = Sampler("heun", 3).plan(schedule)
+    heun = make("heun", 3).plan(schedule)
     np.testing.assert_array_equal(heun.timesteps, [667, 334, 334, 1, 1])
     np.testing.assert_array_equal(heun.sigmas[[1, 3]], heun.sigmas[[2, 4]])
 
@@ -254,29 +255,29 @@ def assert_chains_match(sampler: Sampler, config: dict):
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_chain_matches_diffusers(name, config, steps):
     """ddpm and ddim too: they run through the same interface."""
-    assert_chains_match(Sampler(name, steps), CONFIGS[config])
+    assert_chains_match(make(name, steps), CONFIGS[config])
 
 
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("config", ["sd15", "v", "v-trailing"])  # the spacing only moves Karras' σ_max, σ_min
 @pytest.mark.parametrize("name", KARRAS_SAMPLERS)
 def test_karras_chain_matches_diffusers(name, config, steps):
-    assert_chains_match(Sampler(name, steps, karras=True), CONFIGS[config])
+    assert_chains_match(make(name, steps, karras=True), CONFIGS[config])
 
 
 def test_ddim_with_eta_chain_matches_diffusers():
-    assert_chains_match(Sampler("ddim", 10, eta=0.7), SD15_CONFIG)
+    assert_chains_match(make("ddim", 10, eta=0.7), SD15_CONFIG)
 
 
 def test_heun_clip_sample_matches_diffusers():
     """HeunDiscreteScheduler is the one σ scheduler with clip_sample: it clips D(x; σ)."""
-    assert_chains_match(Sampler("heun", 10), SD15_CONFIG | {"clip_sample": True, "clip_sample_range": 0.5})
+    assert_chains_match(make("heun", 10), SD15_CONFIG | {"clip_sample": True, "clip_sample_range": 0.5})
 
 
 @pytest.mark.parametrize("name", ["euler_a", "ddpm"])
 def test_stochastic_chains_depend_on_the_noise(name):
     """The matches above are with the same z as diffusers': with other z, ours ends elsewhere."""
-    worst_step, worst_chain = run_chains(Sampler(name, 10), SD15_CONFIG, other_noise=True)
+    worst_step, worst_chain = run_chains(make(name, 10), SD15_CONFIG, other_noise=True)
     assert worst_step > 1e-2 and worst_chain > 1e-2
 
 
@@ -284,7 +285,7 @@ def test_stochastic_chains_depend_on_the_noise(name):
 # Under jit, bf16, errors
 # ---------------------------------------------------------------------------------------------------
 
-ALL = [Sampler(name, 6) for name in SAMPLERS] + [Sampler("ddim", 6, eta=0.5)]
+ALL = [make(name, 6) for name in SAMPLERS] + [make("ddim", 6, eta=0.5)]
 
 
 def random_chain_inputs(K: int):
@@ -342,16 +343,16 @@ def test_bf16_model_outputs_are_stepped_in_float32(sampler):
 
 def test_invalid_samplers_are_refused():
     with pytest.raises(ValueError, match="expected one of"):
-        Sampler("dpmpp_sde")
+        make("dpmpp_sde")
     with pytest.raises(ValueError, match="Karras"):
-        Sampler("euler_a", karras=True)  # EulerAncestralDiscreteScheduler has no use_karras_sigmas
+        make("euler_a", karras=True)  # EulerAncestralDiscreteScheduler has no use_karras_sigmas
     with pytest.raises(ValueError, match="eta"):
-        Sampler("euler", eta=0.5)
+        make("euler", eta=0.5)
     with pytest.raises(ValueError, match="prediction_type"):
-        Sampler("heun").plan(NoiseSchedule.sd15(prediction_type="sample"))
+        make("heun").plan(NoiseSchedule.sd15(prediction_type="sample"))
     with pytest.raises(ValueError, match="steps"):
-        Sampler("euler", 0).plan(NoiseSchedule.sd15(timestep_spacing="linspace"))
+        make("euler", 0).plan(NoiseSchedule.sd15(timestep_spacing="linspace"))
     x = jnp.zeros(SHAPE)
-    sampler = Sampler("euler_a", 10)
+    sampler = make("euler_a", 10)
     with pytest.raises(ValueError, match="needs noise"):
         sampler.step(NoiseSchedule.sd15(), sampler.plan(NoiseSchedule.sd15()), 0, x, x, {})

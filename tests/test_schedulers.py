@@ -31,28 +31,14 @@ from sdjax.schedulers import (
     training_target,
     v_target,
 )
-from tests.reference import nchw, nhwc, rel_err
+from tests.helpers import SD15_SCHEDULER as SD15_CONFIG  # runwayml/stable-diffusion-v1-5's, verbatim
+from tests.helpers import nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch", reason="the reference extra (pip install -e '.[reference]') provides torch")
 diffusers = pytest.importorskip("diffusers")
 
 RTOL = 1e-6
 SHAPE = (2, 8, 8, 4)  # (B, H, W, C)
-
-# runwayml/stable-diffusion-v1-5's scheduler/scheduler_config.json, verbatim
-SD15_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 
 def reference(cls, schedule: NoiseSchedule):

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdjax import StableDiffusion, nn, pipeline
-from sdjax.models.unet import BasicTransformerBlock
-from sdjax.nn import Attention, accelerator, attention_backend, set_attention_implementation
+from sdjax import StableDiffusion, attention, pipeline
+from sdjax.attention import accelerator, attention_backend
+from sdjax.nn import Attention, BasicTransformerBlock, set_attention_implementation
 from sdjax.speed import CompileCounter, random_components
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -102,15 +102,15 @@ def test_forcing_cudnn_where_it_cannot_run_says_why():
 @pytest.mark.parametrize("shape", [(1, 1, 4096, 4096), (2, 8, 4096, 4096), (2, 8, 16384, 16384), (3, 5, 49, 77)])
 def test_query_chunks_divide_the_queries_and_bound_the_scores(shape):
     b, heads, tq, tk = shape
-    bound = 2**20 if tq < 100 else nn.MAX_ATTENTION_SCORES
+    bound = 2**20 if tq < 100 else attention.MAX_ATTENTION_SCORES
     for max_scores in (bound, 1000, 1):
-        n = nn.query_chunks(b, heads, tq, tk, max_scores)
+        n = attention.query_chunks(b, heads, tq, tk, max_scores)
         assert tq % n == 0 and (b * heads * (tq // n) * tk <= max_scores or n == tq)
         assert n == 1 or b * heads * (tq // (n - 1) if tq % (n - 1) == 0 else tq) * tk > max_scores
-    assert nn.query_chunks(b, heads, tq, tk, None) == 1
+    assert attention.query_chunks(b, heads, tq, tk, None) == 1
     # SD1.5: one CFG pair at 512² stays whole; at 1024² its 16 GiB of scores go in 16 chunks
-    assert nn.query_chunks(2, 8, 4096, 4096, nn.MAX_ATTENTION_SCORES) == 1
-    assert nn.query_chunks(2, 8, 16384, 16384, nn.MAX_ATTENTION_SCORES) == 16
+    assert attention.query_chunks(2, 8, 4096, 4096, attention.MAX_ATTENTION_SCORES) == 1
+    assert attention.query_chunks(2, 8, 16384, 16384, attention.MAX_ATTENTION_SCORES) == 16
 
 
 def test_chunked_xla_attention_equals_the_whole_and_holds_fewer_scores(monkeypatch):
@@ -120,18 +120,18 @@ def test_chunked_xla_attention_equals_the_whole_and_holds_fewer_scores(monkeypat
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(keys[0], (2, 96, 4, 8))
     k, v = (jax.random.normal(key, (2, 50, 4, 8)) for key in keys[1:])
-    loss = lambda q, k, v: jnp.sum(jnp.sin(nn.attention(q, k, v, implementation="xla")))  # noqa: E731
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention.attention(q, k, v, implementation="xla")))  # noqa: E731
 
     def run():
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         compiled = f.lower(q, k, v).compile()
         return f(q, k, v), compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
 
-    monkeypatch.setattr(nn, "MAX_ATTENTION_SCORES", None)
+    monkeypatch.setattr(attention, "MAX_ATTENTION_SCORES", None)
     (whole_loss, whole_grads), whole_temp, _ = run()
-    np.testing.assert_allclose(nn.attention(q, k, v), jax.nn.dot_product_attention(q, k, v), rtol=0, atol=0)
-    monkeypatch.setattr(nn, "MAX_ATTENTION_SCORES", 2 * 4 * 96 * 50 // 5)
-    assert nn.query_chunks(2, 4, 96, 50, nn.MAX_ATTENTION_SCORES) == 6
+    np.testing.assert_allclose(attention.attention(q, k, v), jax.nn.dot_product_attention(q, k, v), rtol=0, atol=0)
+    monkeypatch.setattr(attention, "MAX_ATTENTION_SCORES", 2 * 4 * 96 * 50 // 5)
+    assert attention.query_chunks(2, 4, 96, 50, attention.MAX_ATTENTION_SCORES) == 6
     (chunked_loss, chunked_grads), chunked_temp, hlo = run()
     assert "while" in hlo  # the chunks are a loop, not six copies side by side
     assert abs(float(chunked_loss - whole_loss)) <= 1e-6 * abs(float(whole_loss))
@@ -206,7 +206,7 @@ def test_the_chain_has_no_host_calls_and_donates_its_latents(pipe, monkeypatch):
     real, seen = pipeline._denoise, []
 
     def spy(*args):
-        x = args[7]  # _run_chain passes (graphdef, state, schedule, sampler, guided, progress, plan, x, …)
+        x = args[5]  # StableDiffusion._denoise passes (graphdef, state, dtype, progress, chain, x, …)
         hlo = real.lower(*args).as_text()
         out = real(*args)
         seen.append(

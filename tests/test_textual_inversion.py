@@ -5,7 +5,7 @@ A tiny random SD1-style diffusers pipeline (a 2-layer, 32-wide CLIP text encoder
 text encoder holding the same weights load the same random embedding — single- and multi-vector,
 saved as diffusers .safetensors and .bin, A1111 .pt and A1111 .safetensors. Both must give the same
 token ids for prompts using the token (diffusers' ``maybe_convert_prompt`` then its tokenizer, against
-:func:`expand_prompt` then sdjax's), the same context (``encode_prompt``) and the same pooled vector,
+:meth:`CLIPTokenizer.expand` then sdjax's), the same context (``encode_prompt``) and the same pooled vector,
 in float32 to 1e-5 relative (max |a − b| / max |b|; measured ≤ 6.3e-7 for the context, ≤ 4.1e-7 pooled).
 Embeddings saved by sdjax load in diffusers with the same result, and tokenizer folders with added
 words round-trip through transformers both ways.
@@ -23,7 +23,15 @@ from flax import nnx
 from sdjax import textual_inversion as ti
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.tokenizer import CLIPTokenizer
-from tests.reference import load_torch_state, rel_err
+from tests.helpers import (
+    SD1_TEXT,
+    load_torch_state,
+    reference_pipeline,
+    reference_text_encoder,
+    reference_unet,
+    reference_vae,
+    rel_err,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -31,19 +39,10 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 RTOL = 1e-5
-WIDTH = 32  # D of the tiny text encoder
-TEXT = dict(
-    vocab_size=49408,
-    hidden_size=WIDTH,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    bos_token_id=0,  # SD1's config: the legacy eos id 2, so pooled is read at each row's largest id
-    eos_token_id=2,
-    pad_token_id=1,
-)
+# tests/helpers.py's SD1-style text encoder with SD1's config: the legacy eos id 2, so pooled is read at
+# each row's largest id
+TEXT = {**SD1_TEXT, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+WIDTH = TEXT["hidden_size"]  # D of the tiny text encoder: 32
 
 
 @pytest.fixture(scope="module")
@@ -51,27 +50,15 @@ def base(tmp_path_factory):
     """(diffusers pipeline, tokenizer folder, sdjax text encoder): the same tokenizer and weights, nothing added."""
     torch.manual_seed(0)
     folder = CLIPTokenizer.from_bpe_file().save_folder(tmp_path_factory.mktemp("tokenizer"))
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-        cross_attention_dim=WIDTH,
-    )
-    vae = diffusers.AutoencoderKL(block_out_channels=(4,), norm_num_groups=2, layers_per_block=1)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)).eval()
-    pipe = diffusers.StableDiffusionPipeline(
+    unet = reference_unet(sample_size=4, block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=WIDTH)
+    vae = reference_vae((4,), norm_num_groups=2, layers_per_block=1)
+    text = reference_text_encoder(**TEXT)
+    pipe = reference_pipeline(
         vae=vae,
         text_encoder=text,
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder),
         unet=unet,
         scheduler=diffusers.DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     ours = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(**TEXT), rngs=nnx.Rngs(0)))  # weights come next
@@ -106,7 +93,7 @@ def compare(reference, tokenizer, text_encoder, prompts):
     hf_ids = hf_tok(
         reference.maybe_convert_prompt(prompts, hf_tok), padding="max_length", max_length=77, truncation=True
     ).input_ids
-    ids = tokenizer(ti.expand_prompt(prompts, tokenizer))
+    ids = tokenizer(tokenizer.expand(prompts))
     np.testing.assert_array_equal(ids, np.array(hf_ids))
     with torch.no_grad():
         hf_context = reference.encode_prompt(prompts, "cpu", 1, False)[0].numpy()
@@ -217,7 +204,7 @@ def test_expand_prompt_ignores_case_and_spacing(fresh, tmp_path):
     path = write("diffusers-safetensors", tmp_path / "emb", "<my style>", random_vectors(2, seed=3))
     reference.load_textual_inversion(str(path))
     ti.add_embeddings(tokenizer, text_encoder, ti.load_embeddings(path))
-    ours = tokenizer(ti.expand_prompt(["A <MY  STYLE> dog", "<my\tstyle>"], tokenizer))
+    ours = tokenizer(tokenizer.expand(["A <MY  STYLE> dog", "<my\tstyle>"]))
     hf = reference.tokenizer(
         reference.maybe_convert_prompt(["A <my style> dog", "<my style>"], reference.tokenizer),
         padding="max_length",
@@ -295,10 +282,10 @@ def test_pipeline_tokenizer_saved_by_diffusers_loads_in_sdjax(fresh, tmp_path):
     reference.load_textual_inversion(str(path))
     reference.tokenizer.save_pretrained(tmp_path / "saved")
     loaded = CLIPTokenizer.from_folder(tmp_path / "saved")
-    assert ti.vector_tokens(loaded, "<turner>") == ["<turner>", "<turner>_1", "<turner>_2"]
+    assert loaded.vector_tokens("<turner>") == ["<turner>", "<turner>_1", "<turner>_2"]
     prompts = ["a <turner> of a knight", "<turner>"]
     hf = reference.tokenizer(reference.maybe_convert_prompt(prompts, reference.tokenizer), padding="max_length")
-    np.testing.assert_array_equal(loaded(ti.expand_prompt(prompts, loaded)), np.array(hf.input_ids))
+    np.testing.assert_array_equal(loaded(loaded.expand(prompts)), np.array(hf.input_ids))
 
 
 # ---------------------------------------------------------------- training helpers

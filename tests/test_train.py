@@ -16,36 +16,9 @@ from flax import nnx
 from sdjax import io
 from sdjax.models import Autoencoder, AutoencoderConfig, autoencoder_loss
 from sdjax.train import create_train_state, fit, restore_checkpoint
+from tests.helpers import leaves, run_fit, toy_autoencoder, toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2, norm_num_groups=4)
-
-
-def toy_data(n=64):
-    x = np.random.default_rng(0).uniform(-1, 1, (n, 8, 8, 3)).astype(np.float32)
-    return {"image": x}
-
-
-def run_fit(steps, checkpoint=None, devices=None, ema=0.9, checkpoint_every=None, optimizer=None):
-    model = Autoencoder(CFG, rngs=nnx.Rngs(0))
-    return fit(
-        model,
-        autoencoder_loss,
-        toy_data(),
-        steps=steps,
-        batch_size=8,
-        optimizer=optimizer or optax.adam(1e-2),
-        seed=3,
-        ema_decay=ema,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        devices=devices,
-        progress=False,
-    )
-
-
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def run_python(code: str, **env):
@@ -66,7 +39,7 @@ def test_ema_follows_its_formula():
     for steps in (1, 2):
         params.append(leaves(run_fit(steps, ema=None).state.params))
     ema = leaves(run_fit(2, ema=0.9).state.ema)
-    init = leaves(nnx.state(Autoencoder(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+    init = leaves(nnx.state(toy_autoencoder(seed=0), nnx.Param))
     for e, p0, p1, p2 in zip(ema, init, *params):
         np.testing.assert_allclose(e, 0.9 * (0.9 * p0 + 0.1 * p1) + 0.1 * p2, rtol=1e-6, atol=1e-7)
 
@@ -77,7 +50,7 @@ def test_checkpoint_resume_after_kill_is_bit_for_bit(tmp_path):
     ckpt = tmp_path / "ckpt.safetensors"
     child = run_python(f"""
         import os, signal
-        from tests.test_train import run_fit
+        from tests.helpers import run_fit
         run_fit(7, checkpoint={str(ckpt)!r}, checkpoint_every=3)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -103,7 +76,7 @@ def test_data_parallel_equals_single_device():
     child = run_python(
         """
         import jax, numpy as np, optax
-        from tests.test_train import run_fit, leaves
+        from tests.helpers import run_fit, leaves
         assert len(jax.devices()) == 4, jax.devices()
         one = run_fit(5, devices=jax.devices()[:1], optimizer=optax.sgd(0.05, momentum=0.9))
         four = run_fit(5, devices=jax.devices(), optimizer=optax.sgd(0.05, momentum=0.9))
@@ -120,7 +93,7 @@ def test_data_parallel_equals_single_device():
 
 def test_batch_size_not_divisible_by_devices_is_a_clear_error():
     with pytest.raises(ValueError, match="not divisible by the 4 devices"):
-        model = Autoencoder(CFG, rngs=nnx.Rngs(0))
+        model = toy_autoencoder(seed=0)
         fit(model, autoencoder_loss, toy_data(), steps=1, batch_size=6, devices=jax.devices()[:4] * 1, progress=False)
 
 
@@ -138,7 +111,7 @@ def test_restore_into_a_different_model_names_the_mismatch(tmp_path):
 def test_model_weights_round_trip_and_bad_files(tmp_path):
     model = run_fit(2).model
     io.save_model(tmp_path / "m.safetensors", model, {"config": "tiny"})
-    fresh = io.load_model(tmp_path / "m.safetensors", Autoencoder(CFG, rngs=nnx.Rngs(1)))
+    fresh = io.load_model(tmp_path / "m.safetensors", toy_autoencoder(seed=1))
     for a, b in zip(leaves(nnx.state(fresh, nnx.Param)), leaves(nnx.state(model, nnx.Param))):
         np.testing.assert_array_equal(a, b)
 

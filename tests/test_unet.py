@@ -13,20 +13,11 @@ import pytest
 from flax import nnx
 
 from sdjax.models.unet import UNet2D, UNetConfig
-from tests.reference import load_torch_state, nchw, nhwc, rel_err
+from tests.helpers import PIXEL_UNET, SD1_UNET, load_torch_state, nchw, nhwc, reference_unet, rel_err
 
 RTOL = 1e-5
 
-TINY = dict(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=8,
-)
+TINY = PIXEL_UNET  # tests/helpers.py's pixel UNet: two levels, RGB, self-attention in the second
 
 
 def test_shapes():
@@ -109,17 +100,9 @@ def test_matches_diffusers(extra):
     assert rel_err(ours(jnp.asarray(x), jnp.asarray(t[::-1])), want) > 1e-3
 
 
-COND = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    norm_num_groups=8,
-)
+# tests/helpers.py's SD1-style UNet on 8 × 8 latents of 4 channels, with a 16-wide context; each test
+# sets the heads (attention_head_dim)
+COND = {**SD1_UNET, "sample_size": 8, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 16}
 
 
 @pytest.mark.parametrize(
@@ -135,10 +118,10 @@ def test_conditional_matches_diffusers(extra):
     """``UNet2DConditionModel`` in diffusers' legacy naming (attention_head_dim = heads), read through
     ``UNetConfig.from_diffusers``; the same blocks as the pixel UNet plus Transformer2D."""
     torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
 
     torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel(**COND, **extra).eval()
+    ref = reference_unet(**{**COND, **extra})
     ours = UNet2D(UNetConfig.from_diffusers(dict(ref.config)), rngs=nnx.Rngs(0))
     load_torch_state(ours, ref.state_dict())
 
@@ -156,7 +139,7 @@ def test_conditional_matches_diffusers(extra):
 
 
 def test_conditional_needs_its_context():
-    model = UNet2D(UNetConfig(**COND, attention_head_dim=None, num_attention_heads=2), rngs=nnx.Rngs(0))
+    model = UNet2D(UNetConfig(**{**COND, "attention_head_dim": None, "num_attention_heads": 2}), rngs=nnx.Rngs(0))
     x = jnp.zeros((1, 8, 8, 4))
     with pytest.raises(ValueError, match=r"text-conditioned: pass context of shape \(B, S, 16\).*got None"):
         model(x, 0)

@@ -24,10 +24,7 @@ from sdjax.data.loader import (
     batch_indices,
     epoch_permutation,
     iterate_batches,
-    local_mesh,
     num_batches,
-    replicate,
-    shard_batch,
 )
 from sdjax.data.shapes import (
     BACKGROUNDS,
@@ -78,12 +75,9 @@ __all__ = [
     "load",
     "load_digits",
     "load_hf",
-    "local_mesh",
     "make_shapes",
     "num_batches",
-    "replicate",
     "render",
     "parse_caption",
     "sample_attributes",
-    "shard_batch",
 ]

@@ -9,16 +9,13 @@ run would have seen, with no iterator state to save.
 Every epoch has `n // batch_size` full batches (the remainder is dropped), so
 all batches have the same shape and a jitted train step compiles once.
 
-For data parallelism on one host, `shard_batch` splits a batch along its first
-axis across the devices of a one-axis "data" mesh, and `replicate` copies
-parameters to every device; jit then runs the step on all devices at once.
+Data parallelism (a batch split over the devices) is :mod:`sdjax.devices`.
 """
 
 from collections.abc import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
@@ -79,34 +76,6 @@ def iterate_batches(
         indices = permutation[i * batch_size : (i + 1) * batch_size]
         yield _take(data, indices)
         step += 1
-
-
-def local_mesh(devices=None) -> Mesh:
-    """A one-axis mesh named "data" over `devices` (default: this host's devices)."""
-    devices = jax.local_devices() if devices is None else list(devices)
-    return Mesh(np.array(devices), ("data",))
-
-
-def shard_batch(batch, mesh: Mesh):
-    """Put a pytree of arrays on the mesh, each split along its first (batch) axis."""
-    n_devices = mesh.shape["data"]
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-
-    def put(leaf):
-        if leaf.shape[0] % n_devices:
-            multiple = -(-leaf.shape[0] // n_devices) * n_devices
-            raise ValueError(
-                f"batch size {leaf.shape[0]} is not divisible by the {n_devices} devices in the "
-                f"mesh; use a batch size that is a multiple of {n_devices} (e.g. {multiple})"
-            )
-        return jax.device_put(leaf, sharding)
-
-    return jax.tree.map(put, batch)
-
-
-def replicate(tree, mesh: Mesh):
-    """Put a full copy of a pytree (e.g. parameters) on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def _take(data, indices: np.ndarray):

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.nn import attention
+from sdjax.attention import attention
 
 Array = jax.Array
 

@@ -19,7 +19,7 @@ The modules and their attribute names are exactly diffusers' (``down_blocks[i].r
 ``down_blocks[i].attentions[j]``, ``down_blocks[i].downsamplers[0]``, ``mid_block``,
 ``up_blocks[i].upsamplers[0]`` ...), so a ``UNet2DModel`` checkpoint maps onto it name for name.
 Stable Diffusion's ``UNet2DConditionModel`` is the same skeleton, conditioned on text as well as t:
-its attention levels hold a :class:`Transformer2D` in place of the SelfAttention, whose
+its attention levels hold a :class:`sdjax.nn.Transformer2D` in place of the SelfAttention, whose
 cross-attention lets every pixel read the prompt's CLIP encoding (Rombach et al. 2022, §3.3):
 
     ε_θ(z_t, t, c):   c = CLIP(prompt) (B, 77, D_c) ─ into every Transformer2D as keys and values
@@ -39,11 +39,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdjax.nn import (
-    Attention,
     Downsample,
     MidBlock,
     ResnetBlock,
     SelfAttention,
+    Transformer2D,
     Upsample,
     conv,
     group_norm,
@@ -316,114 +316,6 @@ class TimestepEmbedding(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
-class GEGLU(nnx.Module):
-    """The gated GELU of SD's feed-forward (Shazeer 2020): [h, g] = x W + b, out = h ⊙ GELU(g).
-
-    Shapes: (B, T, D) → (B, T, D_inner).
-    """
-
-    def __init__(self, dim: int, inner: int, *, rngs: nnx.Rngs):
-        self.proj = nnx.Linear(dim, 2 * inner, rngs=rngs)
-
-    def __call__(self, x: Array) -> Array:
-        h, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return h * jax.nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nnx.Module):
-    """The transformer's per-token MLP: D → GEGLU → 4D → D.  (B, T, D) → (B, T, D).
-
-    diffusers keeps these in a list ``ff.net = [GEGLU, Dropout, Linear]``; sdjax names them
-    ``geglu`` and ``proj_out`` (sdjax.convert maps the names).
-    """
-
-    def __init__(self, dim: int, *, mult: int = 4, rngs: nnx.Rngs):
-        self.geglu = GEGLU(dim, mult * dim, rngs=rngs)
-        self.proj_out = nnx.Linear(mult * dim, dim, rngs=rngs)
-
-    def __call__(self, x: Array) -> Array:
-        return self.proj_out(self.geglu(x))
-
-
-class BasicTransformerBlock(nnx.Module):
-    """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual:
-
-        x = x + SelfAttn(LN₁(x))              pixels exchange information with each other
-        x = x + CrossAttn(LN₂(x), c)          each pixel queries the text: K, V come from c
-        x = x + FF(LN₃(x))
-
-    Shapes: x (B, T, D) with T = H·W pixel tokens, context c (B, S, D_c) → (B, T, D).
-    """
-
-    def __init__(self, dim: int, *, heads: int, context_dim: int, upcast: bool = False, rngs: nnx.Rngs):
-        ln = lambda: nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, rngs=rngs)  # noqa: E731
-        self.norm1 = ln()
-        self.attn1 = Attention(dim, heads=heads, head_dim=dim // heads, upcast=upcast, rngs=rngs)
-        self.norm2 = ln()
-        self.attn2 = Attention(
-            dim, heads=heads, head_dim=dim // heads, context_dim=context_dim, upcast=upcast, rngs=rngs
-        )
-        self.norm3 = ln()
-        self.ff = FeedForward(dim, rngs=rngs)
-
-    def __call__(self, x: Array, context: Array) -> Array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
-
-
-class Transformer2D(nnx.Module):
-    """The text-conditioned attention of SD's UNet: the feature map as a sequence of pixel tokens,
-    through BasicTransformerBlocks, back to a map, plus the input (diffusers' ``Transformer2DModel``):
-
-        h = proj_in(GroupNorm(x))  →  reshape (B, H·W, C)  →  blocks(h, c)  →  reshape  →  proj_out  →  + x
-
-    proj_in/proj_out are 1×1 convolutions (SD1.x) or, equivalently on tokens, Linear layers (SD2.x,
-    ``linear_projection=True``); the two store their weights in different layouts.
-
-    Shapes: x (B, H, W, C), context (B, S, D_c) → (B, H, W, C).
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        *,
-        heads: int,
-        context_dim: int,
-        layers: int = 1,
-        groups: int = 32,
-        linear_projection: bool = False,
-        upcast: bool = False,
-        rngs: nnx.Rngs,
-    ):
-        self.linear_projection = linear_projection
-        proj = (
-            (lambda: nnx.Linear(channels, channels, rngs=rngs))
-            if linear_projection
-            else (lambda: conv(channels, channels, 1, rngs))
-        )
-        self.norm = group_norm(channels, groups, 1e-6, rngs)
-        self.proj_in = proj()
-        self.transformer_blocks = nnx.List(
-            [
-                BasicTransformerBlock(channels, heads=heads, context_dim=context_dim, upcast=upcast, rngs=rngs)
-                for _ in range(layers)
-            ]
-        )
-        self.proj_out = proj()
-
-    def __call__(self, x: Array, context: Array) -> Array:
-        b, h, w, c = x.shape
-        tokens = lambda a: a.reshape(b, h * w, c)  # noqa: E731
-        grid = lambda a: a.reshape(b, h, w, c)  # noqa: E731
-        y = self.norm(x)
-        y = tokens(self.proj_in(tokens(y))) if self.linear_projection else tokens(self.proj_in(y))
-        for block in self.transformer_blocks:
-            y = block(y, context)
-        y = grid(self.proj_out(y)) if self.linear_projection else self.proj_out(grid(y))
-        return x + y
 
 
 def _attend(attn: nnx.Module, x: Array, context: Array | None) -> Array:

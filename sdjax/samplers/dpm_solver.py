@@ -1,0 +1,155 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095): diffusers' ``DPMSolverMultistepScheduler`` with its
+defaults (algorithm_type="dpmsolver++", solver_order=2).
+
+It works on the VP sample x itself, as the DDPM-style samplers do, but plans in σ, as the σ samplers do
+(:mod:`sdjax.samplers.sigma`): in the paper's notation α_t = √ᾱ_t = 1/√(σ² + 1), σ_t = √(1 − ᾱ_t) = σ α_t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.samplers.base import Plan, Sampler, f32
+from sdjax.samplers.sigma import karras_sigmas, sigma_table, sigma_to_t
+from sdjax.schedulers import NoiseSchedule, timesteps
+
+Array = jax.Array
+
+
+def _alpha_sigma_lambda(sigma):
+    """(α_t, σ_t, λ_t = log(α_t / σ_t)) at noise level σ."""
+    alpha = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+    sigma_t = sigma * alpha
+    return alpha, sigma_t, jnp.log(alpha) - jnp.log(sigma_t)
+
+
+def _x0(schedule: NoiseSchedule, out: Array, x: Array, alpha, sigma_t) -> Array:
+    """x̂_0 = (x − σ_t ε̂)/α_t, or α_t x − σ_t v̂ for v_prediction (float32 inputs)."""
+    if schedule.prediction_type == "epsilon":
+        return (x - sigma_t * out) / alpha
+    return alpha * x - sigma_t * out
+
+
+def _dpm_timesteps(schedule: NoiseSchedule, n: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler's own spacing: (n,) int32, descending.
+
+    diffusers spaces n + 1 points and drops the last (t = 0) for leading and linspace:
+
+        leading:   k · ⌊T/(n + 1)⌋ + steps_offset,  k = n … 1    (SD1.5, n = 10: 901, 811, …, 91)
+        linspace:  round(k · (T − 1)/n),              k = n … 1
+        trailing:  as :func:`sdjax.schedulers.timesteps`
+    """
+    T = schedule.num_train_timesteps
+    if not 1 <= n <= T:
+        raise ValueError(f"steps={n} must be between 1 and num_train_timesteps={T}")
+    if schedule.timestep_spacing == "leading":
+        ts = np.arange(n, 0, -1) * (T // (n + 1)) + schedule.steps_offset
+    elif schedule.timestep_spacing == "linspace":
+        ts = np.round(np.linspace(0, T - 1, n + 1))[:0:-1]
+    else:
+        ts = timesteps(schedule, n)
+    return ts.astype(np.int32)
+
+
+def dpmpp_2m_step(
+    schedule: NoiseSchedule,
+    model_output: Array,
+    x: Array,
+    state: dict,
+    sigma_prev,
+    sigma,
+    sigma_next,
+    second_order,
+) -> tuple[Array, dict]:
+    """One step of DPM-Solver++(2M), Algorithm 2 of the paper, on the VP sample x (not x / √ᾱ).
+
+    In the paper's notation α_t = √ᾱ_t = 1/√(σ² + 1) and σ_t = √(1 − ᾱ_t) = σ α_t, the half-log-SNR
+    λ_t = log(α_t / σ_t), and x̂_0 = (x − σ_t ε̂)/α_t (or α_t x − σ_t v̂). Going from t_{i−1} to t_i
+    with h_i = λ_{t_i} − λ_{t_{i−1}}:
+
+        1st order (DPM-Solver++1, = DDIM):  x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) x_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) D_i,
+                                            D_i = x̂_0(t_{i−1})
+        2nd order (2M):                     D_i = (1 + 1/(2r_i)) x̂_0(t_{i−1}) − 1/(2r_i) x̂_0(t_{i−2}),
+                                            r_i = h_{i−1}/h_i
+
+    i.e. the exact solution of the ODE in λ with x̂_0 extrapolated linearly from the last two steps.
+    diffusers' defaults (solver_order=2, lower_order_final, final σ = 0) give first order on the first
+    step (no history) and on the last, to σ = 0 (λ = ∞, e^{−h} = 0: x_next = D, and r = 0).
+
+    state: {"x0": x̂_0 of the previous step, (B, ...) float32}.
+    Shapes: model_output, x (B, ...); sigma_prev, sigma, sigma_next () float32 (σ's, not σ_t's; σ_prev
+    unused on first-order steps); second_order () bool → (x_next in model_output's dtype, state).
+    """
+
+    x, out = f32(x), f32(model_output)
+    _, _, lambda_prev = _alpha_sigma_lambda(sigma_prev)
+    alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(sigma)
+    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigma_next)
+    x0 = _x0(schedule, out, x, alpha_s, sigma_s)
+    h = lambda_t - lambda_s
+    r = (lambda_s - lambda_prev) / h
+    # D = x̂_0 + (x̂_0 − x̂_0_prev) / (2r); the weight is chosen as a scalar, so that the first and last
+    # steps' r (0, or ±∞) never reaches the arrays.
+    weight = jnp.where(second_order, 1.0 / (2.0 * r), 0.0)
+    D = x0 + weight * (x0 - state["x0"])
+    x_next = (sigma_t / sigma_s) * x - (alpha_t * (jnp.exp(-h) - 1.0)) * D
+    return x_next.astype(model_output.dtype), {"x0": x0}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) (:func:`dpmpp_2m_step`); karras: Karras σ's over the whole σ table."""
+
+    karras: bool = False
+
+    takes_karras = True
+    name = "dpmpp_2m"
+    diffusers_class = "DPMSolverMultistepScheduler"
+    a1111_name = "DPM++ 2M"
+    config_defaults = {"timestep_spacing": "linspace"}
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        """Refuse the DPMSolverMultistepScheduler variants this class does not implement."""
+        variant = (config.get("algorithm_type", "dpmsolver++"), config.get("solver_order", 2))
+        if variant != ("dpmsolver++", 2):
+            raise ValueError(
+                f"the checkpoint's DPMSolverMultistepScheduler is algorithm_type={variant[0]!r}, "
+                f"solver_order={variant[1]}; sdjax implements DPM-Solver++(2M) only: pass another scheduler"
+            )
+
+    def whole_plan(self, schedule):
+        ts = _dpm_timesteps(schedule, self.steps)
+        if self.karras:
+            # over the whole table, whatever the spacing: σ_max = σ_{T−1}, σ_min = σ_0
+            table = sigma_table(schedule)
+            sigmas = karras_sigmas(float(table[0]), float(table[-1]), self.steps)
+            ts = sigma_to_t(sigmas, schedule)
+            if schedule.beta_schedule != "squaredcos_cap_v2":  # diffusers rounds, except for this one
+                ts = np.round(ts)
+        else:
+            sigmas = np.interp(ts, np.arange(schedule.num_train_timesteps), sigma_table(schedule))
+        return Plan.of(ts, sigmas=np.append(sigmas, 0.0).astype(np.float32))
+
+    def add_noise(self, schedule, plan, i, x0, noise):
+        """x = α x_0 + σ α ε, α = 1/√(σ_i² + 1) (DDPM's q(x_t | x_0), VP form)."""
+        sigma = jnp.asarray(plan.sigmas)[i]
+        alpha = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+        return alpha * f32(x0) + (sigma * alpha) * f32(noise)
+
+    def predict_x0(self, schedule, plan, i, x, model_output):
+        alpha, sigma_t, _ = _alpha_sigma_lambda(jnp.asarray(plan.sigmas)[i])
+        return _x0(schedule, f32(model_output), f32(x), alpha, sigma_t)
+
+    def init_state(self, x):
+        return {"x0": jnp.zeros(x.shape, jnp.float32)}
+
+    def step(self, schedule, plan, i, model_output, x, state, noise=None):
+        sigmas, i = jnp.asarray(plan.sigmas), jnp.asarray(i)
+        sigma_prev = sigmas[jnp.maximum(i - 1, 0)]  # (at i = 0: σ_0, unused)
+        second_order = (i > 0) & (i < len(plan.timesteps) - 1)
+        return dpmpp_2m_step(schedule, model_output, x, state, sigma_prev, sigmas[i], sigmas[i + 1], second_order)
