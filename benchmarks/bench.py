@@ -47,6 +47,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -140,6 +141,7 @@ class Sdjax:
         self.pipe = StableDiffusion(half)
         self.pipe.progress, self.pipe.devices = False, [self.device]  # one device, as diffusers uses
         self.flops: dict[str, float] = {}
+        self.attention_kernels: dict[str, dict[str, int]] = {}
 
     def _compiled(self, name: str, fn, *args):
         """``jax.jit(fn)`` compiled for ``args``, its FLOPs recorded under ``name``."""
@@ -164,6 +166,7 @@ class Sdjax:
         context = jax.random.normal(key, (batch, 77, unet.config.cross_attention_dim), self.dtype)
         graphdef, state = nnx.split(unet)
         f = self._compiled(f"unet_{batch}", lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c), state, x, t, context)
+        self.attention_kernels[f"unet_{batch}"] = cudnn_attention_calls(f.as_text())
         return lambda: jax.block_until_ready(f(state, x, t, context))
 
     def unet_output(self, x, t, context, *, float32: bool = False):
@@ -179,6 +182,13 @@ class Sdjax:
         forward = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c).astype(jnp.float32))
         state = jax.device_put(state, self.device)
         return np.asarray(forward(state, jnp.asarray(x, dtype), jnp.asarray(t), jnp.asarray(context, dtype)))
+
+    def reset_peak(self) -> None:
+        """jax keeps one peak per process: :meth:`peak_bytes` is the peak so far, not since a reset."""
+
+    def peak_bytes(self) -> int | None:
+        """jax's allocator peak of this process so far (None on a CPU)."""
+        return (self.device.memory_stats() or {}).get("peak_bytes_in_use")
 
     def txt2img(self, batch: int):
         kwargs = dict(num_inference_steps=self.args.steps, guidance_scale=GUIDANCE, scheduler="ddim", output_type="np")
@@ -261,6 +271,18 @@ class Diffusers:
 
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_bytes(self) -> int | None:
+        """torch's allocator peak since :meth:`reset_peak` (None on a CPU)."""
+        import torch
+
+        return torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None
 
     def unet(self, batch: int):
         import torch
@@ -461,17 +483,49 @@ def matmul_ceiling(dtype: str, on_gpu: bool) -> dict[str, float]:
     return {"jax": flops / min(jax_t.reps), "torch": flops / min(torch_t.reps)}
 
 
+def cudnn_attention_calls(hlo: str) -> dict[str, int]:
+    """How many of a compiled program's attentions run as cuDNN's fused kernel: custom calls to
+    ``__cudnn$fmha…`` in the optimised HLO, and how many of those take the 77 text tokens as keys (the
+    cross-attentions). SD1.5's UNet has 16 transformer blocks, so 32 attentions, 16 of them cross."""
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="__cudnn$fmha' in line]
+    return {"fused": len(calls), "cross": sum(",77," in line for line in calls)}
+
+
+def probe_cudnn(dtype: str) -> str | None:
+    """None if jax's cuDNN attention runs SD1.5's shapes (self-attention at 4,096 tokens, head dims 40 and
+    160, cross-attention to 77 tokens, forward and backward); else the error, so the run can fall back
+    to XLA's attention instead of losing every sdjax measure."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        for tq, tk, d in ((4096, 4096, 40), (4096, 77, 40), (256, 77, 160)):
+            q = jax.random.normal(jax.random.PRNGKey(0), (2, tq, 8, d), jnp.dtype(dtype))
+            k = jax.random.normal(jax.random.PRNGKey(1), (2, tk, 8, d), jnp.dtype(dtype))
+            f = jax.jit(jax.grad(lambda q, k: jax.nn.dot_product_attention(q, k, k, implementation="cudnn")
+                                 .astype(jnp.float32).sum()))  # fmt: skip
+            jax.block_until_ready(f(q, k))
+    except Exception as error:  # noqa: BLE001 (any failure means: do not rely on it in this run)
+        return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # New processes: time to first image (compilation cache cold and warm) and peak memory
 # ---------------------------------------------------------------------------------------------------
 
 
-def child(args) -> None:
-    """``--child SIDE``: build the model, make one image (batch 1) at --height × --width, print a JSON line:
-    seconds to that first image (after the model is built), seconds since the process started, and
-    the side's peak device memory (None on a CPU)."""
-    import jax
+def parse_images(text: str) -> list[tuple[int, int, bool]]:
+    """'512x512,1024x1024t' → [(512, 512, False), (1024, 1024, True)]: a trailing t turns the tiled VAE on."""
+    return [(*map(int, item.rstrip("t").split("x")), item.endswith("t")) for item in text.split(",") if item]
 
+
+def child(args) -> None:
+    """``--child SIDE --images HxW[t],…``: build the model, then make one image (batch 1) at each size in
+    turn (``t``: with the tiled VAE), printing a JSON line after each: seconds to that image (the first
+    call at its size, so compilation included), seconds since the process started, and the side's peak
+    device memory (None on a CPU). torch's peak is reset before each image; jax's is the process's peak
+    so far, so list the sizes from the smallest need to the largest."""
     if args.child == "sdjax" and args.cache_dir:
         from sdjax.speed import enable_compilation_cache
 
@@ -480,47 +534,47 @@ def child(args) -> None:
     side = Sdjax(components, args, "auto") if args.child == "sdjax" else Diffusers(components, args, None)
     del components
     gc.collect()
-    if args.vae_tiling and args.child == "sdjax":
-        side.pipe.enable_vae_tiling()
-    elif args.vae_tiling:
-        side.pipe.vae.enable_tiling()
-    if args.child == "sdjax":
-        kwargs = dict(num_inference_steps=args.steps, guidance_scale=GUIDANCE, scheduler="ddim", output_type="np")
-        run = lambda: side.pipe([PROMPT], height=args.height, width=args.width, **kwargs)  # noqa: E731
-    else:
-        import torch
+    for height, width, tiled in parse_images(args.images):
+        size = dict(height=height, width=width)
+        if args.child == "sdjax":
+            side.pipe.enable_vae_tiling() if tiled else side.pipe.disable_vae_tiling()
+            kwargs = dict(num_inference_steps=args.steps, guidance_scale=GUIDANCE, scheduler="ddim", output_type="np")
+            run = functools.partial(side.pipe, [PROMPT], **size, **kwargs)
+        else:
+            side.pipe.vae.enable_tiling() if tiled else side.pipe.vae.disable_tiling()
+            generate = functools.partial(side.pipe, [PROMPT], **size, num_inference_steps=args.steps,
+                                         guidance_scale=GUIDANCE, output_type="np")  # fmt: skip
+            run = functools.partial(lambda generate: (generate(), side.sync()), generate)
 
-        def run():
-            side.pipe([PROMPT], height=args.height, width=args.width, num_inference_steps=args.steps,
-                      guidance_scale=GUIDANCE, output_type="np")  # fmt: skip
-            side.sync()
-
-    t = time.perf_counter()
-    run()
-    first = time.perf_counter() - t
-    if args.child == "sdjax":
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-    else:
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    result = {"first_image_s": first, "process_s": time.perf_counter() - START, "peak_bytes": peak}
-    print("RESULT " + json.dumps(result))
+        side.reset_peak()
+        t = time.perf_counter()
+        try:
+            run()
+            result = {"first_image_s": time.perf_counter() - t, "process_s": time.perf_counter() - START,
+                      "peak_bytes": side.peak_bytes()}  # fmt: skip
+        except Exception as error:  # out of memory at one size: report it, try the next
+            result = {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"}
+        size = f"{height}²" if height == width else f"{height}×{width}"
+        print("RESULT " + json.dumps({"size": size, "tiled": tiled, **result}), flush=True)
+        gc.collect()
+        free_torch_memory() if args.child == "diffusers" else None
 
 
-def run_child(args, side: str, height: int, width: int, cache_dir: str | None, vae_tiling: bool = False) -> dict:
-    """One :func:`child` in a new Python process; {"error": …} when it fails (e.g. out of memory)."""
+def run_child(args, side: str, images: str, cache_dir: str | None) -> list[dict]:
+    """One :func:`child` in a new Python process: its results, one per image, and an {"error": …} for
+    those it did not reach when it fails (e.g. out of memory, killed)."""
     command = [sys.executable, __file__, "--child", side, "--size", args.size, "--dtype", args.dtype,
-               "--steps", str(args.steps), "--height", str(height), "--width", str(width)]  # fmt: skip
+               "--steps", str(args.steps), "--images", images]  # fmt: skip
     if cache_dir:
         command += ["--cache-dir", cache_dir]
-    if vae_tiling:
-        command += ["--vae-tiling"]
     done = subprocess.run(command, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line.removeprefix("RESULT "))
+    lines = done.stdout.splitlines()
+    results = [json.loads(line.removeprefix("RESULT ")) for line in lines if line.startswith("RESULT ")]
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"exit {done.returncode}: {tail[:200]}"}
+    for height, width, tiled in parse_images(images)[len(results) :]:
+        size = f"{height}²" if height == width else f"{height}×{width}"
+        results.append({"size": size, "tiled": tiled, "error": f"exit {done.returncode}: {tail[:200]}"})
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,6 +608,9 @@ class InProcess:
     low_precision: float | None
     recompiles: int | None
     failed: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # (column, measure): error
+    peaks: dict[str, int | None] = dataclasses.field(default_factory=dict)  # column: peak bytes after training
+    attention: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # unet_N: cuDNN call counts
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def report(args, facts, ceiling, measured: InProcess | None, children: list) -> str:
@@ -622,6 +679,14 @@ def report(args, facts, ceiling, measured: InProcess | None, children: list) -> 
             f"= {measured.parity:.2e}." + ("" if low is None else f" sdjax at {args.dtype} vs float32: {low:.2e}."),
             f"Compilations during a second txt2img call with the same shapes (sdjax): {measured.recompiles}.",
         ]
+        if measured.peaks:
+            lines.append("Peak device memory of the training step: " + "; ".join(
+                f"{n} {gib(b)}" for n, b in measured.peaks.items()) + " (jax: the process's peak so far; torch: "
+                "since the step's model was built).")  # fmt: skip
+        for key, calls in measured.attention.items():
+            lines.append(f"sdjax's compiled {key}: {calls['fused']} attentions on cuDNN's fused kernel, "
+                         f"{calls['cross']} of them cross-attentions to the 77 text tokens (SD1.5: 32, 16 cross).")
+        lines += [f"{note}." for note in measured.notes]
         if measured.failed:
             lines += ["", "Failed measures (the traceback is in this run's stderr):", ""]
             lines += [f"- {name}, {key}: `{error}`" for (name, key), error in measured.failed.items()]
@@ -717,11 +782,15 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of txt2img")
     parser.add_argument("--reps", type=int, help="timed calls per measure (default 10 on a GPU, 3 on a CPU)")
     parser.add_argument("--train-batch", type=int, default=8)
-    parser.add_argument("--attention", default="auto", help="sdjax columns, comma-separated: auto, xla, cudnn")
+    parser.add_argument(
+        "--attention", default="auto",
+        help="sdjax columns, comma-separated: auto, xla, cudnn; a column after the first may name its measures, "
+             "e.g. xla:unet_2+unet_16 (default: all)",
+    )  # fmt: skip
     parser.add_argument(
         "--torch-compile", default=None,
-        help="diffusers columns besides eager, comma-separated torch.compile modes (default, reduce-overhead); "
-             "default: 'default' on a GPU, none on a CPU",
+        help="diffusers columns besides eager, comma-separated torch.compile modes (default, reduce-overhead), each "
+             "optionally with its measures as for --attention; default: 'default' on a GPU, none on a CPU",
     )  # fmt: skip
     parts = parser.add_mutually_exclusive_group()
     parts.add_argument("--no-processes", action="store_true", help="skip the new-process measures")
@@ -736,11 +805,13 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
     # a new process of :func:`child`
     parser.add_argument("--child", choices=("sdjax", "diffusers"), help=argparse.SUPPRESS)
-    parser.add_argument("--height", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--vae-tiling", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", help="also write every result so far as JSON to this file, after each measure")
+    parser.add_argument("--render", metavar="RAW", help="only write the report of a --raw file (no measuring)")
     args = parser.parse_args(argv)
+    if args.render:
+        return args
     if args.large_sizes is None:
         args.large_sizes = SIZES[args.size]["memory"][1:]
     else:
@@ -763,101 +834,173 @@ def parse_args(argv=None):
     return args
 
 
-def in_process(args) -> InProcess:
-    """Every column's measures in this process, and the same-weights and bf16 checks."""
+MEASURES = ("txt2img_1", "unet_2", "unet_16", "txt2img_8", "vae", "train")  # txt2img_1 first: the cold start
+
+
+def columns(spec: str) -> list[tuple[str, tuple[str, ...]]]:
+    """'auto,xla:unet_2+unet_16' → [("auto", MEASURES), ("xla", ("unet_2", "unet_16"))]."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, measures = item.partition(":")
+        chosen = tuple(measures.split("+")) if measures else MEASURES
+        if set(chosen) - set(MEASURES):
+            raise SystemExit(f"unknown measure in {item!r}: expected some of {MEASURES}")
+        out.append((name, chosen))
+    return out
+
+
+def in_process(args, save: Callable[[InProcess], None] = lambda measured: None) -> InProcess:
+    """Every column's measures in this process, and the same-weights and bf16 checks; ``save(measured)``
+    after each, so that a run cut short keeps what it measured. Order: sdjax's first column, diffusers
+    eager, the other sdjax columns, the torch.compile columns (the most important first)."""
     import numpy as np
 
     from sdjax.speed import CompileCounter
 
+    measured = InProcess({}, dict.fromkeys(MEASURES, float("nan")), float("nan"), None, None)
+    sdjax_columns = columns(args.attention)
+    if args.on_gpu and any(a == "auto" for a, _ in sdjax_columns):
+        error = probe_cudnn(args.dtype)
+        measured.notes.append("cuDNN attention on SD1.5's shapes (forward and backward): " + (error or "runs"))
+        if error:
+            sdjax_columns = [("xla" if a == "auto" else a, m) for a, m in sdjax_columns]
     components = build_components(args)
-    sdjax_sides = [Sdjax(components, args, a) for a in args.attention.split(",")]
+    sdjax_sides = [(Sdjax(components, args, a), m) for a, m in sdjax_columns]
     eager = Diffusers(components, args, None)
-    modes = [m for m in args.torch_compile.split(",") if m]
-    sides = [*sdjax_sides, eager, *[Diffusers(components, args, m, shared=eager) for m in modes]]
-    ours = sdjax_sides[0]
+    compiled = [(Diffusers(components, args, mode, shared=eager), m) for mode, m in columns(args.torch_compile)]
+    sides = [sdjax_sides[0], (eager, MEASURES), *sdjax_sides[1:], *compiled]
+    ours = sdjax_sides[0][0]
+    measured.results = {side.name: {} for side, _ in sides}
 
-    # the same weights on both sides: one UNet output compared (and sdjax's own float32 at a lower dtype)
+    # the same weights on both sides: one UNet output compared
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, args.latent, args.latent, 4)).astype(np.float32)
     context = rng.standard_normal((1, 77, components.unet.config.cross_attention_dim)).astype(np.float32)
     t = np.array([500])
     ref, out = eager.unet_output(x, t, context), ours.unet_output(x, t, context)
-    parity = float(np.abs(out - ref).max() / np.abs(ref).max())
-    low_precision = None
-    if args.dtype != "float32":
-        full = ours.unet_output(x, t, context, float32=True)
-        low_precision = float(np.abs(out - full).max() / np.abs(full).max())
+    measured.parity = float(np.abs(out - ref).max() / np.abs(ref).max())
+    save(measured)
 
-    results: dict[str, dict[str, Timing]] = {s.name: {} for s in sides}
-    recompiles = None
-    measures = [
-        ("txt2img_1", lambda s: s.txt2img(1)),  # first: its first call is this process's cold start
-        ("unet_2", lambda s: s.unet(2)),
-        ("unet_16", lambda s: s.unet(16)),
-        ("txt2img_8", lambda s: s.txt2img(8)),
-        ("vae", lambda s: s.vae_decode()),
-        ("train", lambda s: s.train_step()),
-    ]
-    failed: dict[tuple[str, str], str] = {}
-    for key, make in measures:
-        for side in sides:
+    make = {
+        "txt2img_1": lambda s: s.txt2img(1),
+        "unet_2": lambda s: s.unet(2),
+        "unet_16": lambda s: s.unet(16),
+        "txt2img_8": lambda s: s.txt2img(8),
+        "vae": lambda s: s.vae_decode(),
+        "train": lambda s: s.train_step(),
+    }
+    for side, measures in sides:
+        for key in measures:
             if key == "train" and getattr(side, "compile_mode", None):
                 continue  # training is compared with diffusers' eager step (autocast), as the issue asks
             print(f"{time.perf_counter() - START:7.1f} s  {key}: {side.name}", file=sys.stderr, flush=True)
             try:  # one measure that fails (out of memory, a compiler error) is reported, the others still run
-                fn = make(side)
-                results[side.name][key] = time_calls(fn, args.reps)
+                side.reset_peak() if key == "train" else None
+                fn = make[key](side)
+                measured.results[side.name][key] = time_calls(fn, args.reps)
+                if key == "train":
+                    measured.peaks[side.name] = side.peak_bytes()
                 if key == "txt2img_1" and side is ours:
                     with CompileCounter() as compiles:
                         fn()
-                    recompiles = compiles.count
+                    measured.recompiles = compiles.count
             except Exception as error:
                 traceback.print_exc()
-                failed[side.name, key] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+                first_line = (str(error).splitlines() or [""])[0][:160]
+                measured.failed[side.name, key] = f"{type(error).__name__}: {first_line}"
             fn = None
             gc.collect()
             free_torch_memory()
+            measured.flops = {k: ours.flops.get(k, float("nan")) for k in ("unet_2", "unet_16", "vae", "train")}
+            for n in (1, 8):  # K · F_UNet(2N) + F_VAE(N)
+                measured.flops[f"txt2img_{n}"] = args.steps * measured.flops["unet_2"] * n + measured.flops["vae"] * n
+            measured.attention = ours.attention_kernels
+            save(measured)
 
-    flops = {k: ours.flops.get(k, float("nan")) for k in ("unet_2", "unet_16", "vae", "train")}
-    for n in (1, 8):
-        flops[f"txt2img_{n}"] = args.steps * flops["unet_2"] * n + flops["vae"] * n  # K · F_UNet(2N) + F_VAE(N)
-    return InProcess(results, flops, parity, low_precision, recompiles, failed)
+    if args.dtype != "float32":  # sdjax's own float32 against the benchmark's dtype (last: one more compile)
+        full = ours.unet_output(x, t, context, float32=True)
+        measured.low_precision = float(np.abs(out - full).max() / np.abs(full).max())
+        save(measured)
+    return measured
 
 
-def new_processes(args) -> list[tuple[str, str, dict]]:
-    """(label, size, child's result) for: sdjax with an empty then a warm compilation cache and diffusers
-    (unless --no-base), then both sides at each of --large-sizes (on a GPU), with tiled VAEs too if
-    --tiled-vae."""
+def new_processes(args, save: Callable[[list], None] = lambda children: None) -> list[tuple[str, str, dict]]:
+    """(label, size, result) for: sdjax with an empty then a warm compilation cache, and diffusers, at the
+    base size (unless --no-base); the warm-cache sdjax process and the diffusers one go on to each of
+    --large-sizes (on a GPU), first with the tiled VAE if --tiled-vae, then without (jax's peak is the
+    process's so far, so the smaller need comes first). ``save(children)`` after each process."""
     cache = tempfile.mkdtemp(prefix="sdjax-bench-cache-")
-    base, size = (args.image, args.image), f"{args.image}²"
+    large = ",".join(f"{h}x{w}t,{h}x{w}" if args.tiled_vae else f"{h}x{w}" for h, w in args.large_sizes)
+    large = large if args.on_gpu else ""
+    base = "" if args.no_base else f"{args.image}x{args.image}"
+    plan = [("sdjax, empty cache", "sdjax", base, cache)] if base else []
+    plan += [("sdjax, warm cache", "sdjax", ",".join(filter(None, (base, large))), cache),
+             ("diffusers", "diffusers", ",".join(filter(None, (base, large))), None)]  # fmt: skip
     children = []
-    if not args.no_base:
-        children += [
-            ("sdjax, empty cache", size, run_child(args, "sdjax", *base, cache)),
-            ("sdjax, warm cache", size, run_child(args, "sdjax", *base, cache)),
-            ("diffusers", size, run_child(args, "diffusers", *base, None)),
-        ]
-    for h, w in args.large_sizes if args.on_gpu else []:
-        for tiling in (False, True) if args.tiled_vae else (False,):
-            for side in ("sdjax", "diffusers"):
-                label = side + (", tiled VAE" if tiling else "")
-                result = run_child(args, side, h, w, cache if side == "sdjax" else None, tiling)
-                children.append((label, f"{h}×{w}", result))
+    for label, side, images, cache_dir in plan:
+        if not images:
+            continue
+        for i, out in enumerate(run_child(args, side, images, cache_dir)):
+            at_base = i == 0 and base
+            name = label if at_base else side + (", tiled VAE" if out["tiled"] else "")
+            children.append((name, out["size"], out))
+        save(children)
     return children
+
+
+def to_raw(args, facts, ceiling, measured: InProcess | None, children: list) -> dict:
+    """Everything a report is made from, as JSON (``--raw``; ``--render`` makes the report again from it)."""
+    keep = ("size", "dtype", "steps", "reps", "train_batch", "train_latent", "image", "latent", "command", "on_gpu")
+    raw = {"args": {k: getattr(args, k) for k in keep}, "facts": facts, "ceiling": ceiling, "children": children}
+    if measured is not None:
+        m = dataclasses.asdict(measured)
+        m["failed"] = [[n, k, e] for (n, k), e in measured.failed.items()]
+        raw["measured"] = m
+    return raw
+
+
+def from_raw(raw: dict):
+    """(args, facts, ceiling, measured, children) of a :func:`to_raw` dict."""
+    args = argparse.Namespace(**raw["args"])
+    measured = None
+    if "measured" in raw:
+        m = dict(raw["measured"])
+        m["results"] = {n: {k: Timing(**t) for k, t in r.items()} for n, r in m["results"].items()}
+        m["failed"] = {(n, k): e for n, k, e in m["failed"]}
+        measured = InProcess(**m)
+    children = [tuple(c) for c in raw["children"]]
+    return args, raw["facts"], raw["ceiling"], measured, children
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    if args.render:
+        args_, facts, ceiling, measured, children = from_raw(json.loads(Path(args.render).read_text()))
+        text = report(args_, facts, ceiling, measured, children)
+        Path(args.out).write_text(text)
+        print(text)
+        return text
     if args.child:
         child(args)
         return ""
     facts = machine()
     ceiling = matmul_ceiling(args.dtype, args.on_gpu)
-    measured = None if args.processes_only else in_process(args)
+    state = {"measured": None, "children": []}
+
+    def save(**update) -> None:
+        state.update(update)
+        if args.raw:
+            Path(args.raw).write_text(json.dumps(to_raw(args, facts, ceiling, **state), indent=1))
+        Path(args.out).write_text(report(args, facts, ceiling, **state))
+
+    save()
+    if not args.processes_only:
+        in_process(args, lambda measured: save(measured=measured))
     gc.collect()
     free_torch_memory()
-    children = [] if args.no_processes else new_processes(args)
-    text = report(args, facts, ceiling, measured, children)
+    if not args.no_processes:
+        new_processes(args, lambda children: save(children=children))
+    text = report(args, facts, ceiling, **state)
     Path(args.out).write_text(text)
     print(text)
     return text
