@@ -43,6 +43,7 @@ def attention_backend(
     head_dim: int,
     compute_capability: str | None = None,
     masked: bool = False,
+    lengths: tuple[int, int] | None = None,
 ) -> str:
     """The kernel :func:`attention` runs: "cudnn" (cuDNN's fused flash attention) or "xla" (XLA's
     portable einsum → softmax → einsum, on every platform).
@@ -52,6 +53,11 @@ def attention_backend(
     write and read back. The kernel exists only for a CUDA GPU, float16/bfloat16 inputs and head dims
     d that are multiples of 8 up to 128 (256 from Hopper, compute capability 9.0, on): SD1.5's
     d = 40, 80, 160 all qualify on an H100; 160 does not on an A100.
+
+    ``lengths`` (T_q, T_k), when given, must both be even: jax's cuDNN path refuses an odd sequence length
+    when it is differentiated ("Unsupported sequence length Q 4096, KV 77", jax 0.11.2 on an H200, the
+    first GPU run of benchmarks/bench.py), and a trace cannot tell whether it will be. So SD's
+    cross-attention to the 77 text tokens runs on XLA; its scores are small (T_q × 77).
 
     implementation: "auto" picks cudnn when all of that holds (and no ``mask`` array is given: CLIP's
     padding masks stay on XLA), xla otherwise; "xla" always xla; "cudnn" always cudnn, a ValueError
@@ -68,6 +74,7 @@ def attention_backend(
             (f"it needs a CUDA GPU (this is {platform})", platform != "cuda"),
             (f"it needs float16 or bfloat16 (got {jnp.dtype(dtype).name})", jnp.dtype(dtype) not in HALF_DTYPES),
             (f"the head dim must be a multiple of 8 and ≤ {limit} (got {head_dim})", head_dim % 8 or head_dim > limit),
+            (f"the sequence lengths must be even (got {lengths})", lengths is not None and any(n % 2 for n in lengths)),
         )
         if failed
     ]
@@ -139,6 +146,7 @@ def attention(
         head_dim=q.shape[-1],
         compute_capability=capability,
         masked=mask is not None,
+        lengths=(q.shape[1], k.shape[1]),
     )
     if backend == "xla":
         return _xla_attention(q, k, v, mask, is_causal)

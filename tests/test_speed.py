@@ -89,6 +89,17 @@ def test_attention_backend_choice(implementation, platform, dtype, head_dim, cap
     assert choice == expected
 
 
+def test_odd_sequence_lengths_stay_on_xla():
+    """jax's cuDNN path refused SD1.5's cross-attention (4,096 queries, 77 keys) when differentiated, on
+    the H200 (bench.py's first GPU run): an odd length goes to XLA, and forcing cuDNN says why."""
+    gpu = dict(platform="cuda", dtype=jnp.bfloat16, head_dim=40, compute_capability="9.0")
+    assert attention_backend("auto", **gpu, lengths=(4096, 4096)) == "cudnn"
+    assert attention_backend("auto", **gpu, lengths=(4096, 77)) == "xla"
+    assert attention_backend("auto", **gpu, lengths=(77, 77)) == "xla"
+    with pytest.raises(ValueError, match=r"sequence lengths must be even \(got \(4096, 77\)\)"):
+        attention_backend("cudnn", **gpu, lengths=(4096, 77))
+
+
 def test_forcing_cudnn_where_it_cannot_run_says_why():
     reasons = r"needs a CUDA GPU \(this is cpu\); it needs float16 or bfloat16 \(got float32"
     with pytest.raises(ValueError, match=reasons):
