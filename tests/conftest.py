@@ -19,19 +19,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # compiled code: a folder only its owner can write
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
-
-# Under `--dist loadfile` each file runs whole on one worker, in collection order as workers free up. The files
-# that take longest go first, so that no worker is left alone with a long file at the end (with 2 workers the
-# cold-cache run spent its last 8 of 14 minutes on 16 % of the tests). Longest first, by the 2026-12-04 runs.
-HEAVY_FIRST = (
-    "test_diffusion.py", "test_finetune.py", "test_convert.py", "test_benchmark.py", "test_pipeline.py",
-    "test_img2img.py", "test_tiny_sd.py", "test_multidevice.py", "test_cli.py", "test_cli_finetune.py",
-    "test_textual_inversion.py", "test_lora.py", "test_cli_txt2img.py", "test_bundled_model.py", "test_samplers.py",
-    "test_speed.py", "test_train.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
