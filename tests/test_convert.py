@@ -121,7 +121,7 @@ def test_pickled_bin_weights_load_like_safetensors(checkpoint, tmp_path):
     x, t, context, _, _ = inputs(unet, None)
     with torch.no_grad():
         ref = unet(torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(context)).sample.numpy()
-    assert rel_err(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)), nhwc(ref)) < RTOL
+    assert rel_err(apply(model, jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)), nhwc(ref)) < RTOL
 
 
 def test_compvis_layout_agrees_with_diffusers_converter(checkpoint, tmp_path):

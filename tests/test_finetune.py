@@ -91,14 +91,16 @@ def test_remat_gives_the_same_gradients(bundle_components):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
     context = jax.random.normal(jax.random.PRNGKey(1), (2, 77, unet.config.cross_attention_dim))
 
-    def loss(m):
-        return jnp.mean(m(x, jnp.array([10, 500]), context) ** 2)
+    @nnx.jit  # one program per setting (remat is part of the module's static structure)
+    def grads(m):
+        return nnx.grad(lambda m: jnp.mean(m(x, jnp.array([10, 500]), context) ** 2))(m)
 
-    plain = nnx.grad(loss)(unet)
+    plain = grads(unet)
     unet.remat = True
-    rematerialised = nnx.grad(loss)(unet)
+    rematerialised = grads(unet)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(jnp.abs(a).max()))  # measured ≤ 1e-6 rel
+        # compiled, the two programs fuse and round differently: measured ≤ 5.4e-6 of each leaf's largest entry
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5 * float(jnp.abs(a).max()))
 
 
 def test_dreambooth_in_bf16_with_remat_trains_the_unet_only(bundle_components):
