@@ -2,7 +2,9 @@
 runner's clean-up of progress-bar output; the dtype the notebooks' first cell picks for the machine. CI
 executes the notebooks separately in quick mode."""
 
+import hashlib
 import importlib.util
+import re
 from pathlib import Path
 
 import jax
@@ -35,6 +37,57 @@ def test_committed_notebook_is_executed_and_clean(path):
     sources = "".join(c.source for c in code)
     assert sources.count("# BEGIN SOLUTION") == sources.count("# END SOLUTION") >= 1
     assert "sdjax.notebook.setup()" in sources, "notebooks read quick/online mode through sdjax.notebook.setup()"
+    assert not stray_outputs(nb)
+
+
+# what a cell shows when it ends with a plotting call, a comparison or a function that returns a figure
+STRAY = re.compile(r"<(Axes|Figure|matplotlib)|^(Text|Line2D)\(|^(True|False)$")
+
+
+def stray_outputs(nb) -> list[str]:
+    """What a reader should not see in a committed notebook: the repr of a matplotlib object or a bare
+    bool as a cell's value (end the line with ";"), and a figure shown twice (a figure returned as the
+    cell's value is drawn once by the inline backend and once as the value)."""
+    found, seen = [], {}
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            text = "".join(data.get("text/plain", ""))
+            shown_as_text = out.output_type == "execute_result" or "image/png" not in data  # else: a figure's alt text
+            if out.output_type in ("execute_result", "display_data") and shown_as_text and STRAY.search(text.strip()):
+                found.append(f"cell {i}: stray output {text.strip()[:60]!r}")
+            if "image/png" in data:
+                digest = hashlib.sha1(data["image/png"].encode()).hexdigest()
+                if digest in seen:
+                    found.append(f"cell {i}: the figure of cell {seen[digest]} again")
+                seen.setdefault(digest, i)
+    return found
+
+
+def test_stray_outputs_are_found():
+    nb = nbformat.v4.new_notebook()
+    png = {"image/png": "iVBORw0KGgo=", "text/plain": "<Figure size 640x480 with 1 Axes>"}
+    nb.cells = [nbformat.v4.new_code_cell("fig"), nbformat.v4.new_code_cell("1 == 1"), nbformat.v4.new_code_cell("x")]
+    nb.cells[0].outputs = [nbformat.v4.new_output("display_data", data=png),
+                           nbformat.v4.new_output("execute_result", data=png, execution_count=1)]  # fmt: skip
+    nb.cells[1].outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "True"}, execution_count=2)]
+    nb.cells[2].outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "3"}, execution_count=3)]
+    assert stray_outputs(nb) == [
+        "cell 0: stray output '<Figure size 640x480 with 1 Axes>'",
+        "cell 0: the figure of cell 0 again",
+        "cell 1: stray output 'True'",
+    ]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_roadmap_table_lists_the_whole_path(path):
+    """The table in each notebook's first cell: every notebook of the path, this one marked."""
+    first = nbformat.read(path, as_version=4).cells[0].source
+    rows = [m for line in first.splitlines() if (m := re.match(r"\| (\*\*→\*\*)? ?\| \**(\d\d) ", line))]
+    listed = [m.group(2) for m in rows]
+    on_disk = [p.name[:2] for p in NOTEBOOKS]
+    assert listed[: len(on_disk)] == on_disk, f"{path.name}: the roadmap lists {listed}; the notebooks are {on_disk}"
+    assert [m.group(2) for m in rows if m.group(1)] == [path.name[:2]], "exactly this notebook's row is marked"
 
 
 def test_notebooks_exist():
