@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 # LLVM's optimisation level 0 for the compiled CPU code: compiles about a fifth faster, runs a little slower,
-# computes the same operations (the level changes how XLA's kernels are optimised, not what they compute).
+# computes the same operations (the level changes how XLA's kernels are optimised, not what they compute;
+# float rounding may differ, which every tolerance already allows).
 # Measured cold on test_convert/img2img/tiny_sd/pipeline, one process: 370 s at the default level, 305 s here.
 # The notebooks, the benchmarks and the CLI keep XLA's defaults, so CI still runs the optimised code.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
