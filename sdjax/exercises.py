@@ -39,10 +39,10 @@ import optax
 
 from sdjax.chain import classifier_free_guidance
 from sdjax.models.autoencoder import reconstruction_loss
-from sdjax.models.vae import kl_divergence, reparameterize
-from sdjax.nn import upsample_nearest
+from sdjax.models.vae import kl_divergence, reparameterize, vae_loss
+from sdjax.nn import ResnetBlock, upsample_nearest
 from sdjax.samplers import euler_step
-from sdjax.schedulers import NoiseSchedule, ddpm_step, q_sample
+from sdjax.schedulers import NoiseSchedule, ddpm_step, q_sample, training_target
 
 _MARK = "# YOUR CODE HERE"
 PLACEHOLDER = f"...  {_MARK}"  # what a solution becomes in the student edition
@@ -181,7 +181,68 @@ def _inputs(seed: int, *shapes):
 # --- notebook 01 ------------------------------------------------------------------------------------
 
 
-@_exercise("01", 1, "upsample_nearest", upsample_nearest)
+def _resnet_block(block, x):
+    """sdjax's answer to exercise 1 of notebook 01: :class:`sdjax.nn.ResnetBlock` itself, ``block(x)``."""
+    return block(x)
+
+
+def _post_activation(block, x):
+    h = jax.nn.silu(block.norm2(block.conv2(jax.nn.silu(block.norm1(block.conv1(x))))))
+    return (x if block.conv_shortcut is None else block.conv_shortcut(x)) + h
+
+
+@_exercise("01", 1, "resnet_block", _resnet_block)
+def check_resnet_block(fn: Callable) -> bool:
+    """Exercise: wire a ResnetBlock's forward pass from its layers, ``fn(block, x)`` → y, with ``block`` an
+    untrained :class:`sdjax.nn.ResnetBlock` (no time embedding) and x (B, H, W, C_in):
+
+        h = conv1(SiLU(norm1(x))),    h = conv2(SiLU(norm2(h))),    y = shortcut(x) + h,
+
+    shortcut = ``block.conv_shortcut`` (a 1×1 convolution) when C_in ≠ C_out, else the identity. Checked on a
+    block that changes the channels (4 → 8) and on one that keeps them (8 → 8).
+    """
+    from flax import nnx
+
+    (x,) = _inputs(11, (2, 6, 6, 4))
+    widen = ResnetBlock(4, 8, groups=2, rngs=nnx.Rngs(1))
+    keep = ResnetBlock(8, 8, groups=2, rngs=nnx.Rngs(2))
+    for i, block in enumerate((widen, keep)):  # untrained GroupNorms are identities: make each one distinct
+        params = nnx.state(block, nnx.Param)
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(12 + i), len(leaves))
+        noisy = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+        nnx.update(block, jax.tree.unflatten(tree, noisy))
+
+    def shortcut(b, x):
+        return x if b.conv_shortcut is None else b.conv_shortcut(x)
+
+    mistakes = [
+        (lambda b, x: b.conv2(jax.nn.silu(b.norm2(b.conv1(jax.nn.silu(b.norm1(x)))))), "the skip connection is "
+         "missing: add shortcut(x) to the output of the second convolution."),
+        (lambda b, x: shortcut(b, x) + b.conv2(b.norm2(b.conv1(b.norm1(x)))), "the SiLU nonlinearities are missing: "
+         "without them the two convolutions collapse into one linear map."),
+        (lambda b, x: shortcut(b, x) + b.conv2(jax.nn.relu(b.norm2(b.conv1(jax.nn.relu(b.norm1(x)))))), "that is "
+         "ReLU; SD's blocks use SiLU(u) = u·σ(u) (jax.nn.silu), which is smooth at 0."),
+        (lambda b, x: jax.nn.silu(shortcut(b, x) + b.conv2(jax.nn.silu(b.norm2(b.conv1(jax.nn.silu(b.norm1(x))))))),
+         "no nonlinearity after the addition: in the pre-activation block the skip path stays an identity."),
+        (lambda b, x: shortcut(b, x) + b.conv2(jax.nn.silu(b.norm1(b.conv1(jax.nn.silu(b.norm2(x)))))), "norm1 "
+         "belongs before conv1 (it normalises C_in channels) and norm2 before conv2."),
+    ]  # fmt: skip
+    post = [(_post_activation, "that is the post-activation order (conv → norm → SiLU); this block is pre-activation: "
+             "GroupNorm and SiLU come *before* each convolution.")]  # fmt: skip
+    ok = _check("resnet_block", fn, _resnet_block, (keep, jnp.concatenate([x, x], axis=-1)), mistakes + post, atol=1e-5)
+    try:  # (swapped norms or post-activation cannot run on a block that changes the channels)
+        return ok & _check("resnet_block at 4 → 8 channels", fn, _resnet_block, (widen, x), mistakes[:4], atol=1e-5)
+    except ExerciseError as e:
+        if "raised" in str(e) and ("broadcast" in str(e) or "Incompatible shapes" in str(e)):
+            raise ExerciseError(
+                "resnet_block at 4 → 8 channels: x (4 channels) cannot be added to h (8 channels): when C_in ≠ C_out "
+                "the skip path is block.conv_shortcut(x), a 1×1 convolution to C_out channels."
+            ) from e
+        raise
+
+
+@_exercise("01", 2, "upsample_nearest", upsample_nearest)
 def check_upsample_nearest(fn: Callable) -> bool:
     """Exercise: nearest-neighbour ×2 upsampling of an NHWC batch, (B, H, W, C) → (B, 2H, 2W, C)."""
     (x,) = _inputs(0, (2, 3, 5, 4))
@@ -209,7 +270,7 @@ def check_upsample_nearest(fn: Callable) -> bool:
     return _check("upsample_nearest", fn, upsample_nearest, (x,), mistakes)
 
 
-@_exercise("01", 2, "reconstruction_loss", reconstruction_loss)
+@_exercise("01", 3, "reconstruction_loss", reconstruction_loss)
 def check_reconstruction_loss(fn: Callable) -> bool:
     """Exercise: the autoencoder's loss, the mean squared error over all pixels (a scalar)."""
     x, x_hat = _inputs(1, (4, 8, 8, 3), (4, 8, 8, 3))
@@ -291,6 +352,64 @@ def check_kl_divergence(fn: Callable) -> bool:
     return _check("kl_divergence", fn, kl_divergence, (mean, logvar), mistakes)
 
 
+def _negative_elbo(model, x, key, beta):
+    """sdjax's answer to exercise 3 of notebook 02: :func:`sdjax.models.vae_loss` with ``kl_weight = beta``, the loss
+    value alone. x (B, H, W, 3) → ()."""
+    return vae_loss(model, {"image": x}, key, kl_weight=beta)[0]
+
+
+def _vae_parts(model, x, key):
+    """(per-image summed squared error, per-image KL, per-pixel squared errors, moments) for the mistakes below."""
+    q = model.encode(x)
+    x_hat = model.decode(q.mean + jnp.exp(0.5 * q.logvar) * jax.random.normal(key, q.mean.shape))
+    sq = (x - x_hat) ** 2
+    return jnp.sum(sq, axis=(1, 2, 3)), kl_divergence(q.mean, q.logvar), sq, q
+
+
+@_exercise("02", 3, "negative_elbo", _negative_elbo)
+def check_negative_elbo(fn: Callable) -> bool:
+    """Exercise: the VAE's training loss, the negative ELBO with a KL weight β, ``fn(model, x, key, beta)`` → a
+    scalar. ``model`` is an :class:`sdjax.models.AutoencoderKL`: ``model.encode(x)`` gives q(z|x) with ``.mean``
+    and ``.logvar`` (B, h, w, c), ``model.decode(z)`` gives x̂. With ε = ``jax.random.normal(key, mean.shape)``,
+
+        z = μ + σ ε,   x̂ = D(z),   L = mean over the batch of [ Σ_pixels (x − x̂)²  +  β · KL(q(z|x) ‖ N(0, I)) ].
+
+    Checked against :func:`sdjax.models.vae_loss` on a small untrained VAE.
+    """
+    from flax import nnx
+
+    from sdjax.models.vae import AutoencoderKL, VAEConfig
+
+    cfg = VAEConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=2, norm_num_groups=4)
+    model = AutoencoderKL(cfg, rngs=nnx.Rngs(3))
+    (x,) = _inputs(13, (3, 8, 8, 3))
+    x, key, beta = jnp.tanh(x), jax.random.PRNGKey(5), 0.3
+
+    def mode_loss(m, x, k, b):  # no sampling: z = μ
+        q = m.encode(x)
+        return jnp.mean(jnp.sum((x - m.decode(q.mean)) ** 2, axis=(1, 2, 3)) + b * kl_divergence(q.mean, q.logvar))
+
+    def parts(m, x, k):
+        return _vae_parts(m, x, k)
+
+    mistakes = [
+        (lambda m, x, k, b: jnp.mean(parts(m, x, k)[2]) + b * jnp.mean(parts(m, x, k)[1]), "the squared error is "
+         "*summed* over the pixels of each image (−log p(x|z) of a Gaussian decoder), then averaged over the batch; "
+         "a per-pixel mean shrinks it by H·W·3 against the KL."),
+        (lambda m, x, k, b: jnp.mean(parts(m, x, k)[0] + parts(m, x, k)[1]), "the KL term is weighted by β: "
+         "L = recon + β · KL."),
+        (lambda m, x, k, b: jnp.mean(b * parts(m, x, k)[0] + parts(m, x, k)[1]), "β weights the KL term, not the "
+         "reconstruction: L = recon + β · KL."),
+        (lambda m, x, k, b: jnp.mean(parts(m, x, k)[0]), "the KL term is missing: without it the encoder is free to "
+         "put the latents anywhere, and the prior N(0, I) is no use for sampling."),
+        (mode_loss, "decode a *sample* z = μ + σ ε, not the mean μ: the ELBO is an expectation over q(z|x), and "
+         "without the noise σ gets no gradient from the reconstruction."),
+        (lambda m, x, k, b: jnp.sum(parts(m, x, k)[0] + b * parts(m, x, k)[1]), "average over the batch (one "
+         "number per image, then the mean), so the loss does not grow with the batch size."),
+    ]  # fmt: skip
+    return _check("negative_elbo", fn, _negative_elbo, (model, x, key, beta), mistakes, rtol=1e-5, atol=1e-4)
+
+
 # --- notebook 03 ------------------------------------------------------------------------------------
 
 # The exercises' schedule: DDPM's linear β, no clipping (the exercises use the equations as written).
@@ -305,7 +424,7 @@ def _q_sample(x0, t, noise, alphas_cumprod):
 
 
 def _ddpm_step(x_t, eps_hat, t, betas, alphas_cumprod, z):
-    """sdjax's answer to exercise 2 of notebook 03: :func:`sdjax.schedulers.ddpm_step` from t to t − 1 (posterior
+    """sdjax's answer to exercise 3 of notebook 03: :func:`sdjax.schedulers.ddpm_step` from t to t − 1 (posterior
     variance β̃_t, no clipping) on the exercise's tables of β_t and ᾱ_t. x_t, eps_hat, z (B, H, W, C); t an int."""
     beta, alpha_bar = betas[t], alphas_cumprod[t]
     alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else 1.0
@@ -351,7 +470,56 @@ def check_q_sample(fn: Callable) -> bool:
     return _check("q_sample", fn, lambda x, t, n, ab: q_sample(_DDPM, x, t, n), (x0, t, noise, ab), mistakes)
 
 
-@_exercise("03", 2, "ddpm_step", _ddpm_step)
+_V = dataclasses.replace(_DDPM, prediction_type="v_prediction")
+
+
+def _training_loss(model, x0, t, noise, alphas_cumprod):
+    """sdjax's answer to exercise 2 of notebook 03: the body of :func:`sdjax.diffusion.diffusion_loss` for
+    v-prediction, with t and ε given. ``alphas_cumprod`` is the table of ``_V``, the schedule the check uses."""
+    del alphas_cumprod  # sdjax reads ᾱ_t from the schedule; the check passes that schedule's table
+    x_t = q_sample(_V, x0, t, noise)
+    return jnp.mean((model(x_t, t) - training_target(_V, x0, t, noise)) ** 2)
+
+
+@_exercise("03", 2, "training_loss", _training_loss)
+def check_training_loss(fn: Callable) -> bool:
+    """Exercise: the training loss of this notebook's model, ``fn(model, x0, t, noise, alphas_cumprod)`` → a scalar:
+    noise x_0 to level t, ask the network for v, and take the mean squared error,
+
+        x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,    v = √ᾱ_t ε − √(1 − ᾱ_t) x_0,    L = mean (model(x_t, t) − v)²,
+
+    x0, noise (B, H, W, C), t (B,) int, ``model(x, t)`` → (B, H, W, C). Checked against sdjax's
+    :func:`~sdjax.schedulers.q_sample` and :func:`~sdjax.schedulers.training_target` with a stand-in network.
+    """
+    x0, noise = _inputs(14, (4, 5, 5, 3), (4, 5, 5, 3))
+    x0 = jnp.tanh(x0)
+    t = jnp.array([3, 250, 600, 990])
+    ab = jnp.asarray(_V.alphas_cumprod)
+
+    def model(x, t):  # a stand-in network: any fixed function of (x_t, t) will do
+        return jnp.tanh(1.5 * x) * (0.2 + t / 1000)[:, None, None, None]
+
+    def loss(target, x_t=None, t_model=None):
+        a = ab[t][:, None, None, None]
+        xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise if x_t is None else x_t
+        return jnp.mean((model(xt, t if t_model is None else t_model) - target(a)) ** 2)
+
+    v = lambda a: jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0  # noqa: E731
+    mistakes = [
+        (lambda m, x, t_, n, ab_: loss(lambda a: noise), "that is the ε-prediction target; this model predicts "
+         "v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (section 2)."),
+        (lambda m, x, t_, n, ab_: loss(lambda a: -v(a)), "the sign of v is flipped: v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."),
+        (lambda m, x, t_, n, ab_: loss(lambda a: x0), "that regresses x_0 directly; this model predicts v."),
+        (lambda m, x, t_, n, ab_: loss(v, x_t=x0), "the network sees the *noisy* x_t, not the clean x_0 (which it "
+         "never has at sampling time)."),
+        (lambda m, x, t_, n, ab_: loss(v, t_model=t + 1), "timesteps are 0-indexed: call the network with t itself."),
+        (lambda m, x, t_, n, ab_: loss(v) * x0.size, "take the mean over every element, not the sum: the loss should "
+         "not grow with the image size and the batch."),
+    ]  # fmt: skip
+    return _check("training_loss", fn, _training_loss, (model, x0, t, noise, ab), mistakes)
+
+
+@_exercise("03", 3, "ddpm_step", _ddpm_step)
 def check_ddpm_step(fn: Callable) -> bool:
     """Exercise: one DDPM ancestral step (Algorithm 2), ``fn(x_t, eps_hat, t, betas, alphas_cumprod, z)``:
 
@@ -465,6 +633,68 @@ def check_euler_step(fn: Callable) -> bool:
     return ok
 
 
+def _heun_step(denoise, x, sigma, sigma_next):
+    """sdjax's answer to exercise 2 of notebook 06: :func:`sdjax.samplers.heun_step`'s predictor and corrector
+    (EDM Algorithm 1), given the denoiser D(x; σ) as a function. x (B, H, W, C); sigma, sigma_next floats."""
+    from sdjax.samplers.sigma import heun_step
+
+    def out(x, s):  # the ε-prediction whose D is ``denoise``: ε̂ = (x − D(x; σ)) / σ
+        return (x - denoise(x, s)) / s
+
+    state = {"d": jnp.zeros_like(x), "x": x}
+    x_pred, state = heun_step(_EPSILON, out(x, sigma), x, state, sigma, sigma, sigma_next, False)
+    if sigma_next == 0:
+        return x_pred
+    return heun_step(_EPSILON, out(x_pred, sigma_next), x_pred, state, sigma, sigma_next, sigma_next, True)[0]
+
+
+@_exercise("06", 2, "heun_step", _heun_step)
+def check_heun_step(fn: Callable) -> bool:
+    """Exercise: one step of Heun's method on the probability-flow ODE, ``fn(denoise, x, sigma, sigma_next)``,
+    ``denoise(x, σ)`` the denoiser D(x; σ):
+
+        d = (x − D(x; σ)) / σ,   x̃ = x + (σ_next − σ) d                        (Euler: the predictor)
+        d' = (x̃ − D(x̃; σ_next)) / σ_next,   x_next = x + (σ_next − σ) (d + d') / 2   (the corrector)
+
+    and the Euler step alone when σ_next = 0 (d' would divide by 0). Checked against
+    :func:`sdjax.samplers.heun_step` with a stand-in denoiser, for σ = 2.5 → 1.2 and for a last step 0.4 → 0.
+    """
+    (x,) = _inputs(17, (2, 4, 4, 3))
+    x = 2.5 * x
+
+    def denoise(x, s):  # a stand-in denoiser: shrinks towards a σ-dependent target
+        return jnp.tanh(x / (1 + s)) * (1 - 0.1 * s)
+
+    def slope(x, s):
+        return (x - denoise(x, s)) / s
+
+    def euler(d, x, s, s1):
+        return x + (s1 - s) * slope(x, s)
+
+    def heun(d, x, s, s1, second=lambda x_e, s, s1: slope(x_e, s1), mix=lambda d1, d2: (d1 + d2) / 2):
+        if s1 == 0:
+            return euler(d, x, s, s1)
+        return x + (s1 - s) * mix(slope(x, s), second(euler(d, x, s, s1), s, s1))
+
+    mistakes = [
+        (euler, "that is Euler's step alone: evaluate the slope again at the predicted x̃ and σ_next, and step from x "
+         "with the average (d + d') / 2."),
+        (lambda d, x, s, s1: heun(d, x, s, s1, second=lambda x_e, s, s1: slope(x_e, s)), "the corrector's slope d' is "
+         "evaluated at the *new* noise level: D(x̃; σ_next), not D(x̃; σ)."),
+        (lambda d, x, s, s1: heun(d, x, s, s1, mix=lambda d1, d2: d2), "average the two slopes, (d + d') / 2: the "
+         "second one alone is a backward-Euler guess, first order again."),
+        (lambda d, x, s, s1: euler(d, x, s, s1) + (s1 - s) * (slope(x, s) + slope(euler(d, x, s, s1), s1)) / 2
+         if s1 else euler(d, x, s, s1), "the corrector starts from x, not from the predicted x̃: x_next = x + (σ_next "
+         "− σ)(d + d')/2."),
+    ]  # fmt: skip
+    ok = _check("heun_step at σ = 2.5 → 1.2", fn, _heun_step, (denoise, x, 2.5, 1.2), mistakes, atol=1e-5)
+    got = _run("heun_step", fn, (denoise, x, 0.4, 0.0))
+    if not np.all(np.isfinite(got)):
+        raise ExerciseError("heun_step at σ_next = 0: the result is not finite. The last step is Euler's alone: "
+                            "d' = (x̃ − D(x̃; 0)) / 0 divides by zero.")  # fmt: skip
+    return ok & _check("heun_step at σ = 0.4 → 0", fn, _heun_step, (denoise, x, 0.4, 0.0), mistakes, atol=1e-5)
+
+
 # --- notebook 04 ------------------------------------------------------------------------------------
 
 
@@ -504,6 +734,57 @@ def check_clip_loss(fn: Callable) -> bool:
     return _check("clip_loss", fn, _clip_loss, (u, w, 14.3), mistakes, rtol=1e-5, atol=1e-5)
 
 
+def _cross_attention(x, context, wq, wk, wv, wo, heads):
+    """sdjax's answer to exercise 3 of notebook 04: the projections of SD's cross-attention around
+    :func:`sdjax.attention.attention`. x (B, N, D), context (B, M, D_c) → (B, N, D)."""
+    from sdjax.attention import attention
+
+    def split(h):  # (B, T, D) → (B, T, heads, D / heads)
+        return h.reshape(*h.shape[:2], heads, -1)
+
+    out = attention(split(x @ wq), split(context @ wk), split(context @ wv), implementation="xla")
+    return out.reshape(*x.shape[:2], -1) @ wo
+
+
+def _attend(q, k, v, heads, scale=None, softmax_axis=-1):
+    """Multi-head attention written out, with the knobs the mistakes turn: (B, T, D) each → (B, N, D)."""
+    b, n, d = q.shape
+    q, k, v = (h.reshape(b, h.shape[1], heads, d // heads).transpose(0, 2, 1, 3) for h in (q, k, v))
+    scores = q @ k.transpose(0, 1, 3, 2) * (scale if scale is not None else (d // heads) ** -0.5)
+    return (jax.nn.softmax(scores, axis=softmax_axis) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+
+
+@_exercise("04", 3, "cross_attention", _cross_attention)
+def check_cross_attention(fn: Callable) -> bool:
+    """Exercise: multi-head cross-attention, ``fn(x, context, wq, wk, wv, wo, heads)`` → (B, N, D): queries from the
+    image tokens x (B, N, D), keys and values from the text context (B, M, D_c),
+
+        Q = x W_q,  K = c W_k,  V = c W_v,   split D into ``heads`` heads of d = D / heads,
+        head_h = softmax(Q_h K_hᵀ / √d) V_h   (softmax over the M keys),   out = concat(heads) W_o,
+
+    W_q, W_o (D, D), W_k, W_v (D_c, D); no biases. Checked against :func:`sdjax.attention.attention`.
+    """
+    x, c, wq, wk, wv, wo = _inputs(15, (2, 6, 8), (2, 5, 12), (8, 8), (12, 8), (12, 8), (8, 8))
+    heads = 2
+
+    def attn(x, c, **kw):
+        return _attend(x @ wq, c @ wk, c @ wv, heads, **kw) @ wo
+
+    mistakes = [
+        (lambda x, c, *_: attn(x, c, scale=1.0), "scale the scores by 1/√d before the softmax (d = D / heads = 4): "
+         "without it the softmax saturates as d grows."),
+        (lambda x, c, *_: attn(x, c, scale=1 / 4), "the scores are divided by √d, not d."),
+        (lambda x, c, *_: attn(x, c, scale=1 / jnp.sqrt(8.0)), "d is the width of one head, D / heads = 4, not the "
+         "full width D = 8."),
+        (lambda x, c, *_: _attend(x @ wq, c @ wk, c @ wv, 1, scale=0.5) @ wo, "that is one head of width D; split "
+         "Q, K and V into `heads` heads of width D / heads, attend in each, and concatenate."),
+        (lambda x, c, *_: attn(x, c, softmax_axis=-2), "the softmax runs over the keys (the M text tokens, the last "
+         "axis of the scores): each image token's weights over the prompt sum to 1."),
+        (lambda x, c, *_: _attend(x @ wq, c @ wk, c @ wv, heads), "the output projection W_o is missing."),
+    ]  # fmt: skip
+    return _check("cross_attention", fn, _cross_attention, (x, c, wq, wk, wv, wo, heads), mistakes, atol=1e-5)
+
+
 @_exercise("04", 2, "guidance", classifier_free_guidance)
 def check_guidance(fn: Callable) -> bool:
     """Exercise: classifier-free guidance, ``fn(out_uncond, out_cond, w)`` → ε̂_∅ + w (ε̂_c − ε̂_∅), the
@@ -525,13 +806,81 @@ def check_guidance(fn: Callable) -> bool:
 # --- notebook 05 ------------------------------------------------------------------------------------
 
 
+def _guided_loop(eps_fn, x_T, timesteps, cond, uncond, w, step):
+    """sdjax's answer to exercise 1 of notebook 05: the loop of :func:`sdjax.chain` written out, with one batched
+    network call per step and :func:`sdjax.chain.classifier_free_guidance`."""
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        out = eps_fn(jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond]))
+        out_uncond, out_cond = jnp.split(out, 2)
+        x = step(x, classifier_free_guidance(out_uncond, out_cond, w), t, t_prev)
+    return x
+
+
+@_exercise("05", 1, "guided_loop", _guided_loop)
+def check_guided_loop(fn: Callable) -> bool:
+    """Exercise: the denoising loop with classifier-free guidance, ``fn(eps_fn, x_T, timesteps, cond, uncond, w,
+    step)`` → x_0. ``eps_fn(x, t, context)`` is the UNet (ε̂ for a batch of latents and contexts), ``timesteps`` a
+    descending list of ints, ``cond`` and ``uncond`` the contexts (B, 77, D) of the prompt and of "", ``step(x, eps,
+    t, t_prev)`` a sampler's update from t to the next timestep t_prev (−1 after the last: "to x_0"). At each t:
+
+        ε̂ = ε̂(x, t, c_∅) + w (ε̂(x, t, c) − ε̂(x, t, c_∅)),    x ← step(x, ε̂, t, t_prev).
+
+    Checked with a stand-in network and DDIM's step on DDPM's linear schedule. (Both predictions from one call on the
+    doubled batch, as SD pipelines do, halves the number of network calls; two calls give the same result.)
+    """
+    x_T, cond, uncond = _inputs(16, (2, 3, 3, 4), (2, 5, 4), (2, 5, 4))
+    ab = jnp.asarray(_DDPM.alphas_cumprod)
+    timesteps = [500, 350, 200, 50]
+    calls = []
+
+    def eps_fn(x, t, context):  # a stand-in UNet: depends on x, t and the context
+        calls.append(len(x))
+        return jnp.tanh(x + jnp.mean(context, axis=(1, 2))[:, None, None, None] * (1 + t / 1000))
+
+    def step(x, eps, t, t_prev):  # DDIM, η = 0
+        a, a_prev = ab[t], ab[t_prev] if t_prev >= 0 else 1.0
+        x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+        return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
+
+    def loop(guide, last=True, next_t=None, carry=True):
+        x = x_T
+        for i, t in enumerate(timesteps if last else timesteps[:-1]):
+            t_prev = (timesteps[i + 1] if i + 1 < len(timesteps) else -1) if next_t is None else next_t(t)
+            x = step(x, guide(eps_fn(x if carry else x_T, t, uncond), eps_fn(x if carry else x_T, t, cond)), t, t_prev)
+        return x
+
+    mistakes = [
+        (lambda *_: loop(lambda u, c: c), "the guidance is missing: that samples with ε̂(x, t, c) alone (w = 1). "
+         "Combine both predictions: ε̂_∅ + w (ε̂_c − ε̂_∅)."),
+        (lambda *_: loop(lambda u, c: u + 7.5 * (u - c)), "the guidance points away from the prompt: ε̂_∅ + w (ε̂_c − "
+         "ε̂_∅), from the unconditional prediction towards the conditional one."),
+        (lambda *_: loop(lambda u, c: c + 7.5 * (c - u)), "that is the paper's (1 + w) ε̂_c − w ε̂_∅; SD's scale w "
+         "is ε̂_∅ + w (ε̂_c − ε̂_∅)."),
+        (lambda *_: loop(lambda u, c: u + 7.5 * (c - u), last=False), "the last step is missing: the chain ends at "
+         "the last timestep of the list instead of x_0; step from it too, to t_prev = −1."),
+        (lambda *_: loop(lambda u, c: u + 7.5 * (c - u), next_t=lambda t: t - 1), "step to the *next timestep of the "
+         "list* (t_prev = timesteps[i + 1]), not to t − 1: here 500 → 350 → 200 → 50 → x_0."),
+        (lambda *_: loop(lambda u, c: u + 7.5 * (c - u), carry=False), "x must carry over from step to step: each "
+         "step starts where the previous one ended, not from x_T."),
+    ]  # fmt: skip
+    ok = _check("guided_loop", fn, _guided_loop, (eps_fn, x_T, timesteps, cond, uncond, 7.5, step), mistakes)
+    calls.clear()
+    fn(eps_fn, x_T, timesteps, cond, uncond, 7.5, step)
+    if len(calls) == 2 * len(timesteps):
+        print("  (two network calls per step; one call on the doubled batch, jnp.concatenate([x, x]) with "
+              "jnp.concatenate([uncond, cond]), gives the same result in half the calls.)")
+    return ok
+
+
 def _latents_to_image(decode, z, scaling_factor):
-    """sdjax's answer to the exercise of notebook 05: what :class:`sdjax.StableDiffusion` does to its final
+    """sdjax's answer to exercise 2 of notebook 05: what :class:`sdjax.StableDiffusion` does to its final
     latents, images = clip((D(z / s) + 1) / 2, 0, 1). z (N, h, w, 4) → (N, 8h, 8w, 3) in [0, 1]."""
     return jnp.clip((decode(z / scaling_factor) + 1) / 2, 0.0, 1.0)
 
 
-@_exercise("05", 1, "latents_to_image", _latents_to_image)
+@_exercise("05", 2, "latents_to_image", _latents_to_image)
 def check_latents_to_image(fn: Callable) -> bool:
     """Exercise: SD's last stage, ``fn(decode, z, scaling_factor)`` → images in [0, 1]: undo the scaling,
     decode, and map the decoder's [−1, 1] to pixel values,
@@ -562,7 +911,7 @@ def check_latents_to_image(fn: Callable) -> bool:
 
 
 def _lora_forward(x, W, b, A, B, alpha, scale):
-    """sdjax's answer to the exercise of notebook 07: :class:`sdjax.lora.LoRALinear` itself, built around the frozen
+    """sdjax's answer to exercise 1 of notebook 07: :class:`sdjax.lora.LoRALinear` itself, built around the frozen
     layer (W, b) with the adapter (A, B). x (N, d_in), W (d_in, d_out), b (d_out,), A (d_in, r), B (r, d_out)."""
     from flax import nnx
 
@@ -598,3 +947,48 @@ def check_lora_forward(fn: Callable) -> bool:
         (lambda x, w, b, a, bb, al, s: x @ (w + s * al / r * a @ bb), "the bias b of the frozen layer is missing."),
     ]  # fmt: skip
     return _check("lora_forward", fn, _lora_forward, (x, w, b, a, bb, alpha, scale), mistakes)
+
+
+def _merge_lora(W, A, B, alpha, scale):
+    """sdjax's answer to exercise 2 of notebook 07: the kernel :meth:`sdjax.lora.LoRALinear.fuse` leaves,
+    W + s · (α / r) · A B. W (d_in, d_out), A (d_in, r), B (r, d_out) → (d_in, d_out)."""
+    from flax import nnx
+
+    from sdjax import lora
+
+    base = nnx.Linear(*W.shape, use_bias=False, rngs=nnx.Rngs(0))
+    base.kernel.set_value(W)
+    layer = lora.LoRALinear(base, rank=A.shape[1], alpha=alpha, scale=scale, rngs=None)
+    layer.lora_A.set_value(A)
+    layer.lora_B.set_value(B)
+    layer.fuse()
+    return layer.kernel[...]
+
+
+@_exercise("07", 2, "merge_lora", _merge_lora)
+def check_merge_lora(fn: Callable) -> bool:
+    """Exercise: merge (fuse) an adapter into its layer's kernel, ``fn(W, A, B, alpha, scale)`` → W',
+
+        W' = W + s · (α / r) · A B,    r = A.shape[1],
+
+    so that x W' + b is the LoRA layer's output (exercise 1) and the adapter costs nothing at inference.
+    W (d_in, d_out), A (d_in, r), B (r, d_out). Checked against :meth:`sdjax.lora.LoRALinear.fuse`.
+    """
+    w, a, bb = _inputs(18, (6, 5), (6, 2), (2, 5))
+    alpha, scale = 4.0, 0.7
+    mistakes = [
+        (lambda w, a, b, al, s: w + s * a @ b, "scale the update by α / r as well as by s (α = 4, r = 2 here)."),
+        (lambda w, a, b, al, s: w + s * al * a @ b, "divide α by the rank r = A.shape[1]: W + s · (α / r) · A B."),
+        (lambda w, a, b, al, s: w + al / 2 * a @ b, "the strength s is missing: W + s · (α / r) · A B (s = 0 must "
+         "give the base W back)."),
+        (lambda w, a, b, al, s: w - s * al / 2 * a @ b, "the update is added: subtracting it is what *unfusing* "
+         "does."),
+        (lambda w, a, b, al, s: s * al / 2 * a @ b, "the merged kernel keeps the frozen W: W' = W + ΔW, not ΔW alone."),
+    ]  # fmt: skip
+    got = _run("merge_lora", fn, (w, a, bb, alpha, scale))
+    if got.shape == (5, 6):
+        raise ExerciseError(
+            "merge_lora: the result has shape (d_out, d_in) = (5, 6); in sdjax's layout (y = x W) the kernel is "
+            "(d_in, d_out) = (6, 5) and the update is A @ B, not (A @ B)ᵀ or B.T @ A.T."
+        )
+    return _check("merge_lora", fn, _merge_lora, (w, a, bb, alpha, scale), mistakes)

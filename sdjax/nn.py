@@ -13,8 +13,9 @@ Shapes in docstrings use B = batch, H/W = height/width, C = channels, T = tokens
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -219,6 +220,37 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, context: Array | None = None) -> Array:
         return self.attend(x, context)
+
+
+@contextlib.contextmanager
+def record_cross_attention() -> Iterator[list[Array]]:
+    """Record the weights of every cross-attention computed inside the ``with`` block: which token each position
+    looks at. Yields a list that fills, call by call, with the (B, heads, T, S) softmax(Q Kᵀ / √d) of each
+    :class:`Attention` given a context (self-attention is not recorded), in the order the network calls them.
+
+        with record_cross_attention() as weights:
+            unet(x_t, t, context)          # eagerly: under jax.jit the list would hold tracers
+        maps = weights[0].mean(axis=1)     # (B, T = H·W, 77) for the first layer, averaged over heads
+
+    The weights are recomputed from the layer's own projections (the attention kernels never materialise them),
+    so recording costs one extra Q Kᵀ per call; the network's outputs are unchanged.
+    """
+    weights: list[Array] = []
+    attend = Attention.attend
+
+    def recording(self: Attention, x: Array, context: Array | None = None) -> Array:
+        if context is not None:
+            q, k = self.to_q(x), self.to_k(context)
+            q, k = (a.reshape(*a.shape[:2], self.heads, -1).astype(jnp.float32) for a in (q, k))
+            scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+            weights.append(jax.nn.softmax(scores, axis=-1))
+        return attend(self, x, context)
+
+    Attention.attend = recording
+    try:
+        yield weights
+    finally:
+        Attention.attend = attend
 
 
 class SelfAttention(Attention):

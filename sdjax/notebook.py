@@ -10,6 +10,9 @@
   offline datasets (``shapes``, ``digits``) to real ones through ``datasets``;
 * ``env.dtype`` is the floating-point type to compute in on this accelerator: float32 on a CPU, bfloat16 on a
   TPU or a GPU that has it, float16 on an older GPU such as Colab's T4.
+
+:func:`slider` puts a slider over a figure where ipywidgets is installed (JupyterLab with the ``dev`` extra,
+Colab), and draws the figure once, as a plain output, everywhere else.
 """
 
 from __future__ import annotations
@@ -77,3 +80,46 @@ def setup(dpi: int = 90) -> NotebookEnv:
         f"Hugging Face Hub {'reachable' if online else 'unreachable: offline datasets only'}"
     )
     return env
+
+
+STATIC = "SDJAX_STATIC"  # set to 1 (tools/run_notebooks.py does) for plain outputs only: no widgets in saved notebooks
+
+
+def slider(draw, values, *, label: str, value=None):
+    """Draw ``draw(v)`` for one ``v`` of ``values``, with a slider to pick another where ipywidgets is installed.
+
+    ``draw(v)`` makes one matplotlib figure (it should be quick: compute the images for every value first, and let
+    ``draw`` only show them). ``value`` is the first one drawn (default: the middle of ``values``). Without
+    ipywidgets, or with ``SDJAX_STATIC=1``, the figure is drawn once as a plain output and a line says how to get
+    the slider. Returns the ipywidgets ``SelectionSlider``, or None when there is none.
+    """
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    values = list(values)
+    value = values[len(values) // 2] if value is None else value
+    if value not in values:
+        raise ValueError(f"slider: value {value!r} is not one of {values}")
+    try:
+        if os.environ.get(STATIC, "0") == "1":
+            raise ImportError
+        import ipywidgets
+    except ImportError:
+        draw(value)
+        plt.show()
+        print(f"(run in Jupyter with ipywidgets, and a slider over {label} appears here)")
+        return None
+
+    out = ipywidgets.Output()
+    choice = ipywidgets.SelectionSlider(options=values, value=value, description=label, continuous_update=False)
+
+    def show(v):
+        with out:
+            out.clear_output(wait=True)
+            draw(v)
+            plt.show()
+
+    choice.observe(lambda change: show(change["new"]), names="value")
+    display(ipywidgets.VBox([choice, out]))
+    show(value)
+    return choice

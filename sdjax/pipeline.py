@@ -176,7 +176,7 @@ class _Progress:
     def shown(cls, chain: Chain, enabled: bool = True):
         """A bar over the chain's evaluations while the block runs (none when not ``enabled``)."""
         if enabled:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm  # text, as fit's and sample_loop's: it reads the same in a saved notebook
 
             cls.bar = tqdm(total=len(chain), desc=f"{chain.sampler.name} {chain.sampler.steps} steps")
         try:

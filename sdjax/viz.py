@@ -157,3 +157,75 @@ def latent_scatter(latents, labels, label_names=None, ax=None, title: str | None
     if title:
         ax.set_title(title)
     return ax
+
+
+def unet_diagram(config, ax=None):
+    """Draw a conditional UNet's layout from its :class:`sdjax.models.unet.UNetConfig`: the levels with their grid
+    size and channels, the skip connections, the mid block, where the timestep enters, and where the text context
+    enters through cross-attention (keys and values from c, queries from the image). Returns the Axes.
+
+    Drawn from the config, so the picture is the model's: ``unet_diagram(pipe.unet.config)``.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    levels = len(config.block_out_channels)
+    gap, width, left, right, mid = 1.7, 4.4, 0.0, 12.0, 6.0  # level spacing, box width, column positions
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 1.2 * levels + 3.2))
+    ax.set_axis_off()
+    cross = [t.startswith("CrossAttn") for t in config.down_block_types]
+    attn = [("Attn" in t) for t in config.down_block_types]
+    colour = {True: "#f6d7a7", False: "#c9dcf0"}  # levels with cross-attention, without
+
+    def box(x, y, text, fc, w=width, h=1.0):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05", fc=fc, ec="0.3"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=8)
+
+    def arrow(a, b, **kw):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=10, color=kw.pop("color", "0.3"), **kw))
+
+    def label(level, up):
+        size = config.sample_size // 2**level
+        block = "Transformer2D (self-, cross-attn)" if cross[level] else "SelfAttention" if attn[level] else ""
+        blocks = f"ResnetBlock ×{config.layers_per_block + up}" + (f" + {block}" if block else "")
+        return f"{size}×{size}×{config.block_out_channels[level]}\n" + blocks.replace(" + ", "\n+ ", 1)
+
+    top = gap * levels
+    ys = [top - gap * (i + 1) for i in range(levels)]
+    size0 = f"{config.sample_size}×{config.sample_size}"
+    box(left, top, f"x_t  {size0}×{config.in_channels}", "white", w=2.6, h=0.6)
+    box(right, top, f"output  {size0}×{config.out_channels}", "white", w=2.6, h=0.6)
+    for i, y in enumerate(ys):
+        box(left, y, label(i, up=False), colour[cross[i]])
+        box(right, y, label(i, up=True), colour[cross[i]])
+        arrow((left + width / 2, y), (right - width / 2, y), linestyle="--", color="0.55")  # the skip connection
+        ax.text(mid, y + 0.12, "skip connection (concatenated)", ha="center", fontsize=7, color="0.45")
+    arrow((left, top - 0.3), (left, ys[0] + 0.5))
+    arrow((right, ys[0] + 0.5), (right, top - 0.3))
+    for a, b in zip(ys, ys[1:]):
+        arrow((left, a - 0.5), (left, b + 0.5))
+        ax.text(left + 0.15, (a + b) / 2, "Downsample ÷2", fontsize=7, va="center")
+        arrow((right, b + 0.5), (right, a - 0.5))
+        ax.text(right + 0.15, (a + b) / 2, "Upsample ×2", fontsize=7, va="center")
+    mid_y = ys[-1] - gap
+    mid_cross = config.mid_block_type.endswith("CrossAttn")
+    size = config.sample_size // 2 ** (levels - 1)
+    middle = "Transformer2D" if mid_cross else "SelfAttention"
+    box(mid, mid_y, f"mid block {size}×{size}×{config.block_out_channels[-1]}\nResnetBlock + {middle} + ResnetBlock",
+        colour[mid_cross], w=width + 0.8)  # fmt: skip
+    arrow((left, ys[-1] - 0.5), (mid - width / 2, mid_y))
+    arrow((mid + width / 2, mid_y), (right, ys[-1] - 0.5))
+    if config.cross_attention_dim:
+        box(mid, top + 1.1, f"text encoder → context c (77 × {config.cross_attention_dim})\ncross-attention: Q from "
+            "the image, K and V from c", colour[True], w=5.2, h=0.8)  # fmt: skip
+        targets = [(left + width / 2, y) for y, c in zip(ys, cross) if c]
+        targets += [(right - width / 2, y) for y, c in zip(ys, cross) if c]
+        targets += [(mid, mid_y + 0.5)] if mid_cross else []
+        for x, y in targets:
+            arrow((mid, top + 0.7), (x, y + 0.3 * (x != mid)), color="#c98a2b", lw=0.8)
+    ax.text(mid, mid_y - 0.9, "timestep t → sinusoidal features → MLP → added inside every ResnetBlock",
+            ha="center", fontsize=8, color="0.35")  # fmt: skip
+    ax.set_xlim(left - width / 2 - 0.3, right + width / 2 + 0.3)
+    ax.set_ylim(mid_y - 1.2, top + 1.6)
+    return ax

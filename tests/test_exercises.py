@@ -11,7 +11,7 @@ import pytest
 from sdjax import editions
 from sdjax import exercises as ex
 from sdjax.models.autoencoder import reconstruction_loss
-from sdjax.models.vae import kl_divergence, reparameterize
+from sdjax.models.vae import kl_divergence, reparameterize, vae_loss
 from sdjax.nn import upsample_nearest
 
 
@@ -40,6 +40,45 @@ def noise(x, e, t, b, ab, z):
 
 def euler_step(x, x0_hat, sigma, sigma_next):
     return x + (sigma_next - sigma) * (x - x0_hat) / sigma
+
+
+def silu_block(b, x, act=jax.nn.silu, skip=True):
+    """A ResnetBlock's forward written out, with the knobs the tests' wrong answers turn."""
+    h = b.conv2(act(b.norm2(b.conv1(act(b.norm1(x))))))
+    return (x if b.conv_shortcut is None else b.conv_shortcut(x)) + h if skip else h
+
+
+def v_loss(model, x0, t, noise, ab, target="v"):
+    a = per_image(ab[t])
+    x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+    v = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
+    want = {"v": v, "eps": noise, "-v": -v}
+    return jnp.mean((model(x_t, t) - want[target]) ** 2)
+
+
+def mha(x, c, wq, wk, wv, wo, heads, scale_by=None, out=True):
+    b, n, d = x.shape
+    q, k, v = (h.reshape(b, h.shape[1], heads, d // heads) for h in (x @ wq, c @ wk, c @ wv))
+    s = jnp.einsum("bnhd,bmhd->bhnm", q, k) / (jnp.sqrt(d // heads) if scale_by is None else scale_by)
+    o = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v).reshape(b, n, d)
+    return o @ wo if out else o
+
+
+def guided(eps_fn, x, ts, c, u, w, step, combine=lambda e_u, e_c, w: e_u + w * (e_c - e_u), last=True):
+    steps = ts if last else ts[:-1]
+    for i, t in enumerate(steps):
+        e_u, e_c = eps_fn(x, t, u), eps_fn(x, t, c)
+        x = step(x, combine(e_u, e_c, w), t, ts[i + 1] if i + 1 < len(ts) else -1)
+    return x
+
+
+def heun(D, x, s, s1, corrector=True, at_next=True):
+    d = (x - D(x, s)) / s
+    x_e = x + (s1 - s) * d
+    if s1 == 0 or not corrector:
+        return x_e
+    s2 = s1 if at_next else s
+    return x + (s1 - s) * (d + (x_e - D(x_e, s2)) / s2) / 2
 
 
 def clip_ce(logits):  # mean_i (log Σ_j exp ℓ_ij − ℓ_ii), written independently of optax
@@ -164,6 +203,82 @@ CASES = {
             (lambda u, c, w: w * c, "not a rescaled"),
         ],
     ),
+    "resnet_block": (
+        ex.check_resnet_block,
+        silu_block,
+        [
+            (lambda b, x: silu_block(b, x, skip=False), "skip connection is missing"),
+            (lambda b, x: silu_block(b, x, act=jax.nn.relu), "that is ReLU"),
+            (lambda b, x: jax.nn.silu(silu_block(b, x)), "no nonlinearity after the addition"),
+            (lambda b, x: x + silu_block(b, x, skip=False), "the skip path is block.conv_shortcut(x)"),
+        ],
+    ),
+    "negative_elbo": (
+        ex.check_negative_elbo,
+        lambda m, x, k, beta: vae_loss(m, {"image": x}, k, kl_weight=beta)[0],
+        [
+            (lambda m, x, k, beta: vae_loss(m, {"image": x}, k, kl_weight=1.0)[0], "weighted by β"),
+            (lambda m, x, k, beta: vae_loss(m, {"image": x}, k, kl_weight=0.0)[0], "the KL term is missing"),
+            (
+                lambda m, x, k, beta: jnp.mean(
+                    jnp.sum((x - m.decode(m.encode(x).mean)) ** 2, axis=(1, 2, 3))
+                    + beta * kl_divergence(m.encode(x).mean, m.encode(x).logvar)
+                ),
+                "decode a *sample*",
+            ),
+            (lambda m, x, k, beta: len(x) * vae_loss(m, {"image": x}, k, kl_weight=beta)[0], "average over the batch"),
+        ],
+    ),
+    "training_loss": (
+        ex.check_training_loss,
+        v_loss,
+        [
+            (lambda m, x, t, n, ab: v_loss(m, x, t, n, ab, "eps"), "ε-prediction target"),
+            (lambda m, x, t, n, ab: v_loss(m, x, t, n, ab, "-v"), "sign of v is flipped"),
+            (lambda m, x, t, n, ab: v_loss(lambda x_t, t: m(x_t, t + 1), x, t, n, ab), "0-indexed"),
+        ],
+    ),
+    "cross_attention": (
+        ex.check_cross_attention,
+        mha,
+        [
+            (lambda *a: mha(*a, scale_by=1.0), "scale the scores by 1/√d"),
+            (lambda *a: mha(*a, scale_by=jnp.sqrt(8.0)), "the width of one head"),
+            (lambda *a: mha(*a, out=False), "output projection W_o is missing"),
+            (lambda x, c, wq, wk, wv, wo, h: mha(x, c, wq, wk, wv, wo, 1, scale_by=2.0), "one head of width D"),
+        ],
+    ),
+    "guided_loop": (
+        ex.check_guided_loop,
+        guided,
+        [
+            (lambda *a: guided(*a, combine=lambda u, c, w: c), "the guidance is missing"),
+            (lambda *a: guided(*a, combine=lambda u, c, w: u + w * (u - c)), "points away from the prompt"),
+            (lambda *a: guided(*a, last=False), "the last step is missing"),
+        ],
+    ),
+    "heun_step": (
+        ex.check_heun_step,
+        heun,
+        [
+            (lambda *a: heun(*a, corrector=False), "Euler's step alone"),
+            (lambda *a: heun(*a, at_next=False), "the *new* noise level"),
+            (
+                lambda D, x, s, s1: x + (s1 - s) * ((x - D(x, s)) / s + (x - D(x, s) * 0 - D(x, s1)) / s1) / 2,
+                "not the expected values",
+            ),
+        ],
+    ),
+    "merge_lora": (
+        ex.check_merge_lora,
+        lambda w, a, b, alpha, s: w + s * alpha / a.shape[1] * jnp.einsum("ir,ro->io", a, b),
+        [
+            (lambda w, a, b, alpha, s: w + s * a @ b, "scale the update by α / r"),
+            (lambda w, a, b, alpha, s: w + alpha / 2 * a @ b, "the strength s is missing"),
+            (lambda w, a, b, alpha, s: w - s * alpha / 2 * a @ b, "*unfusing*"),
+            (lambda w, a, b, alpha, s: (w + s * alpha / 2 * a @ b).T, "(d_out, d_in)"),
+        ],
+    ),
 }
 
 
@@ -276,7 +391,7 @@ def test_sdjax_version_passes_its_check(name):
 def test_every_exercise_is_registered_once():
     assert sorted(ex.EXERCISES) == sorted(CASES)
     assert len({(e.notebook, e.number) for e in ex.EXERCISES.values()}) == len(CASES)
-    with pytest.raises(KeyError, match="no exercise named 'q_smaple'; the exercises are upsample_nearest"):
+    with pytest.raises(KeyError, match="no exercise named 'q_smaple'; the exercises are resnet_block"):
         ex.sdjax_version("q_smaple")
 
 
@@ -289,9 +404,10 @@ def test_summary_lists_correct_wrong_open_and_unchecked(capsys, monkeypatch):
     capsys.readouterr()
     ex.summary("03")
     assert capsys.readouterr().out.splitlines() == [
-        "Exercises, notebook 03: 1 of 2 correct.",
+        "Exercises, notebook 03: 1 of 3 correct.",
         "  ✓ exercise 1 of notebook 03 (q_sample): correct",
-        "  ✗ exercise 2 of notebook 03 (ddpm_step): wrong: ddpm_step at t=500: σ_t² = β_t is DDPM's other choice "
+        "  · exercise 2 of notebook 03 (training_loss): not checked yet: run its check cell",
+        "  ✗ exercise 3 of notebook 03 (ddpm_step): wrong: ddpm_step at t=500: σ_t² = β_t is DDPM's other choice "
         '("fixed_large"); this exercise asks for the posterior variance β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t.',
     ]
     ex.summary()

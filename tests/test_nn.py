@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdjax.nn import Downsample, ResnetBlock, SelfAttention, Upsample, sinusoidal_embedding, upsample_nearest
+from sdjax.nn import (
+    Attention,
+    Downsample,
+    ResnetBlock,
+    SelfAttention,
+    Upsample,
+    record_cross_attention,
+    sinusoidal_embedding,
+    upsample_nearest,
+)
 from tests.helpers import load_torch_state, nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch", reason="the reference extra (pip install -e '.[reference]') provides torch")
@@ -149,3 +158,22 @@ def test_self_attention_matches_diffusers(heads):
     with torch.no_grad():
         want = ref(torch.from_numpy(nchw(x))).numpy()
     assert rel_err(ours(jnp.asarray(x)), nhwc(want)) < RTOL
+
+
+def test_recorded_cross_attention_is_the_float64_softmax_and_changes_nothing():
+    attn = Attention(8, heads=2, head_dim=4, context_dim=6, rngs=nnx.Rngs(0))
+    x, c = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8)), jax.random.normal(jax.random.PRNGKey(2), (2, 7, 6))
+    plain = attn(x, c)
+    with record_cross_attention() as weights:
+        recorded = attn(x, c)
+        Attention(8, heads=2, head_dim=4, rngs=nnx.Rngs(3))(x)  # self-attention: not recorded
+    assert len(weights) == 1 and weights[0].shape == (2, 2, 5, 7)
+    np.testing.assert_array_equal(np.asarray(recorded), np.asarray(plain))
+    # the formula in float64 NumPy: softmax over the keys of Q_h K_hᵀ / √d
+    q = np.asarray(x, np.float64) @ np.asarray(attn.to_q.kernel[...], np.float64)
+    k = np.asarray(c, np.float64) @ np.asarray(attn.to_k.kernel[...], np.float64)
+    scores = np.einsum("bthd,bshd->bhts", q.reshape(2, 5, 2, 4), k.reshape(2, 7, 2, 4)) / 2.0
+    want = np.exp(scores - scores.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(weights[0]), want, rtol=1e-5, atol=1e-6)
+    assert Attention.attend.__name__ == "attend"  # put back after the block

@@ -41,7 +41,7 @@ def test_committed_notebook_is_executed_and_clean(path):
 
 
 # what a cell shows when it ends with a plotting call, a comparison or a function that returns a figure
-STRAY = re.compile(r"<(Axes|Figure|matplotlib)|^(Text|Line2D)\(|^(True|False)$")
+STRAY = re.compile(r"<(Axes|Figure|matplotlib)|^(Text|Line2D|VBox|SelectionSlider|interactive)\(|^(True|False)$")
 
 
 def stray_outputs(nb) -> list[str]:
@@ -88,6 +88,60 @@ def test_roadmap_table_lists_the_whole_path(path):
     on_disk = [p.name[:2] for p in NOTEBOOKS]
     assert listed[: len(on_disk)] == on_disk, f"{path.name}: the roadmap lists {listed}; the notebooks are {on_disk}"
     assert [m.group(2) for m in rows if m.group(1)] == [path.name[:2]], "exactly this notebook's row is marked"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_each_notebook_has_its_exercises_and_questions(path):
+    """Every registered exercise of a notebook is written and checked in it (with the fallback to sdjax's version
+    wherever later cells use it), and the notebook ends with questions whose answers are collapsed."""
+    from sdjax import exercises
+
+    nb = nbformat.read(path, as_version=4)
+    code = "".join(c.source for c in nb.cells if c.cell_type == "code")
+    mine = sorted((e.number, e.name) for e in exercises.EXERCISES.values() if e.notebook == path.name[:2])
+    assert mine, f"{path.name} has no exercise"
+    for _, name in mine:
+        assert f"def {name}(" in code and f"exercises.check_{name}({name})" in code, f"{path.name}: exercise {name}"
+    text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    numbered = [int(n) for n in re.findall(r"\*\*Exercise (\d+)\.\*\*", text)]
+    assert numbered == [n for n, _ in mine], f"{path.name}: exercises numbered {numbered} in the text"
+    last = nb.cells[-1].source
+    assert last.startswith("### Questions") and "<details>" in last and "</details>" in last
+
+
+def test_slider_is_one_static_figure_without_widgets(monkeypatch, capsys):
+    monkeypatch.setenv(sdjax.notebook.STATIC, "1")
+    drawn = []
+    assert sdjax.notebook.slider(drawn.append, [1, 2, 3], label="t") is None
+    assert drawn == [2]
+    assert "a slider over t appears here" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="value 5 is not one of"):
+        sdjax.notebook.slider(drawn.append, [1, 2, 3], label="t", value=5)
+
+
+def test_slider_redraws_on_change(monkeypatch):
+    monkeypatch.setenv(sdjax.notebook.STATIC, "0")
+    monkeypatch.setattr(plt, "show", lambda: None)
+    drawn = []
+    choice = sdjax.notebook.slider(drawn.append, [0.0, 0.5, 1.0], label="w", value=0.0)
+    assert drawn == [0.0] and choice.options == (0.0, 0.5, 1.0)
+    choice.value = 1.0
+    assert drawn == [0.0, 1.0]
+
+
+def test_unet_diagram_is_drawn_from_the_config():
+    from sdjax import tiny_sd, viz
+    from sdjax.models.unet import UNetConfig
+
+    for config, levels, cross in ((tiny_sd.TINY_SD.unet, ["8×8×64", "4×4×128"], 5), (UNetConfig.sd15(), ["64×64×320",
+                                  "32×32×640", "16×16×1280", "8×8×1280"], 7)):  # fmt: skip
+        ax = viz.unet_diagram(config)
+        texts = [t.get_text() for t in ax.texts]
+        for level in levels:  # each level twice: the encoder's and the decoder's box
+            assert sum(t.startswith(level + "\n") for t in texts) == 2, (level, texts)
+        assert sum("Transformer2D" in t for t in texts) == cross  # every cross-attention level and the mid block
+        assert any(f"77 × {config.cross_attention_dim}" in t for t in texts)
+        plt.close(ax.figure)
 
 
 def test_notebooks_exist():

@@ -54,6 +54,9 @@ def collapse_streams(nb) -> None:
 def run(path: Path, *, quick: bool, write: bool, online: bool, timeout: int) -> tuple[float, str]:
     nb = nbformat.read(path, as_version=4)
     os.environ["SDJAX_QUICK"] = "1" if quick else "0"
+    # Saved outputs must read without a kernel (GitHub, nbviewer): sliders become their figure. Quick runs build the
+    # widgets, so CI exercises them.
+    os.environ["SDJAX_STATIC"] = "1" if write else "0"
     if not online:
         os.environ["SDJAX_OFFLINE"] = "1"
     client = NotebookClient(
