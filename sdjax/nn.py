@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sdjax.attention import ATTENTION_IMPLEMENTATIONS, attention
@@ -140,22 +141,32 @@ class Downsample(nnx.Module):
         return self.conv(x)
 
 
-def upsample_nearest(x: Array) -> Array:
-    """Nearest-neighbour ×2 upsampling: every pixel becomes a 2×2 block. (B, H, W, C) → (B, 2H, 2W, C)."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def upsample_nearest(x: Array, size: tuple[int, int] | None = None) -> Array:
+    """Nearest-neighbour upsampling: ×2, every pixel a 2×2 block, (B, H, W, C) → (B, 2H, 2W, C); or to ``size``
+    = (H', W'), output pixel i copying input pixel ⌊i · H / H'⌋ (PyTorch's ``interpolate(mode="nearest")``, the
+    ratio in float32 as there). A UNet's up path uses ``size`` where a level of odd size was halved (5 → 3):
+    doubling back would give 6, and the skip connection it meets is 5."""
+    if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+    def source(n_in: int, n_out: int) -> np.ndarray:
+        ratio = np.float32(n_in) / np.float32(n_out)
+        return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * ratio).astype(np.int64), n_in - 1)
+
+    return x[:, source(x.shape[1], size[0])][:, :, source(x.shape[2], size[1])]
 
 
 class Upsample(nnx.Module):
     """Double H and W: nearest-neighbour ×2 then a 3×3 convolution to smooth the blocks.
 
-    Shapes: (B, H, W, C) → (B, 2H, 2W, C).
+    Shapes: (B, H, W, C) → (B, 2H, 2W, C), or (B, H', W', C) for ``size`` = (H', W') (:func:`upsample_nearest`).
     """
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.conv = conv(channels, channels, 3, rngs)
 
-    def __call__(self, x: Array) -> Array:
-        return self.conv(upsample_nearest(x))
+    def __call__(self, x: Array, size: tuple[int, int] | None = None) -> Array:
+        return self.conv(upsample_nearest(x, size))
 
 
 def set_attention_implementation(module: nnx.Module, implementation: str) -> int:

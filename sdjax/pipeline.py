@@ -218,9 +218,9 @@ class StableDiffusion(Adapters):
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.tokenizer, self.schedule, self.dtype = components.tokenizer, components.schedule, components.dtype
         self.vae_scale_factor = latents.vae_scale_factor(self.vae)
-        # image sizes must be multiples of 8 (diffusers' rule) and give latents the UNet can halve
-        # (levels − 1) times: multiples of lcm(8, f · 2^(UNet levels − 1)) — 64 for SD itself
-        self.size_multiple = int(np.lcm(8, self.vae_scale_factor * self.unet.config.downsample_factor))
+        # image sizes must be multiples of 8 (diffusers' rule) and of the VAE's factor f, so that the
+        # latents are whole; the UNet takes latents of any size (its up path resizes to each skip)
+        self.size_multiple = int(np.lcm(8, self.vae_scale_factor))
         self.progress = _interactive()
         self.devices: list | None = None
         self.vae_tile: int | None = None  # pixels; see enable_vae_tiling
@@ -279,7 +279,7 @@ class StableDiffusion(Adapters):
         """Generate images for ``prompt`` (one string or a list), with the settings of :class:`Options`.
 
         height, width: image size, default ``unet.config.sample_size`` · f; multiples of
-          :attr:`size_multiple` (64 for SD).
+          :attr:`size_multiple` (8 for SD: 600×800 works, as in diffusers).
         latents: (N, 4, h, w) starting noise in diffusers' layout, N = len(prompts)·num_images_per_prompt;
           scaled by the sampler's init_noise_sigma, as diffusers does.
         Returns what ``output_type`` asks for (:class:`Options`).

@@ -260,7 +260,8 @@ def _read_init_image(path: str | None):
 
 
 def _fit(image, multiple: int):
-    """``image`` cut down to sides that are multiples of ``multiple`` (64 for SD), resized as CompVis does."""
+    """``image`` cut down to sides that are multiples of ``multiple`` (8 for SD; CompVis's script cuts to 64, which its
+    UNet needed), resized as CompVis does."""
     from PIL import Image
 
     w, h = image.size

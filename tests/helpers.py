@@ -182,9 +182,19 @@ SCHEDULERS = {
 }
 
 
-def tiny_pipeline(folder, in_channels=4):
+# A 3-level UNet for tiny_pipeline(unet=...): latents are halved twice, so image sizes that are multiples of 8 but
+# not of 32 (48×64, 72×56) give odd sizes on the way down.
+THREE_LEVEL_UNET = dict(
+    block_out_channels=(16, 16, 32),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def tiny_pipeline(folder, in_channels=4, unet=None):
     """A random diffusers StableDiffusionPipeline with SD1.5's scheduler config, saved in
-    ``folder / "model"`` and loaded back from there. ``in_channels=9``: an inpainting UNet's.
+    ``folder / "model"`` and loaded back from there. ``in_channels=9``: an inpainting UNet's; ``unet``:
+    changes to the UNet's config (e.g. :data:`THREE_LEVEL_UNET`).
 
     SD1's structure with a few channels per layer: a 4-level VAE (latents H/8 × W/8), a 2-level
     cross-attention UNet, a 2-layer CLIP text encoder with CLIP's real vocabulary and tokenizer."""
@@ -195,7 +205,7 @@ def tiny_pipeline(folder, in_channels=4):
     from sdjax.tokenizer import CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = reference_unet(sample_size=SIZE // 8, in_channels=in_channels, block_out_channels=(16, 32))
+    unet = reference_unet(**{"sample_size": SIZE // 8, "in_channels": in_channels, "block_out_channels": (16, 32), **(unet or {})})
     vae = reference_vae((8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
     text = reference_text_encoder()
     CLIPTokenizer.from_bpe_file().save_folder(folder / "tokenizer_src")

@@ -187,7 +187,7 @@ def test_img2img(model, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["img2img", "--ckpt", model, "--init-img", str(tmp_path / "init.png"), "--outdir", str(out), *STEPS]
     assert main([*args, "--n_samples", "2", "--strength", "0.5", *FULL]) == 0
-    assert "init image 50×37 resized to 48×32 (this model takes multiples of 16)" in capsys.readouterr().out
+    assert "init image 50×37 resized to 48×32 (this model takes multiples of 8)" in capsys.readouterr().out
     assert pngs(out / "samples") == ["00000.png", "00001.png"] and pngs(out) == ["grid-0000.png"]
     pixels, meta = read_png(out / "samples" / "00001.png")
     assert pixels.shape == (32, 48, 3)
@@ -233,9 +233,9 @@ def test_input_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
         code, err = run_error(capsys, args)
         assert code == 2 and err.startswith("sdjax txt2img: error: ") and message in err, (message, err)
     # the pipeline's own checks come out the same way; the model was loaded in CompVis's default precision
-    assert main([*run, "--H", "40"]) == 2
+    assert main([*run, "--H", "44"]) == 2
     out, err = capsys.readouterr()
-    assert err == "sdjax txt2img: error: height=40 is not a multiple of 16; the nearest valid sizes are 32 or 48\n"
+    assert err == "sdjax txt2img: error: height=44 is not a multiple of 8; the nearest valid sizes are 40 or 48\n"
     assert f"loaded {model} (SD1, bfloat16)" in out
 
     img2img = ["img2img", "--ckpt", model, "--outdir", str(tmp_path / "out"), *STEPS]

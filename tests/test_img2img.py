@@ -351,10 +351,10 @@ def test_errors(models, inpainting_models):
             pipe.img2img("a cat", images, strength=strength)
     with pytest.raises(ValueError, match=r"strength=0.2 with num_inference_steps=4 runs int\(4 · 0.2\) = 0 steps"):
         pipe.inpaint("a cat", images, a_mask(), strength=0.2, num_inference_steps=4)
-    with pytest.raises(ValueError, match="height=40 is not a multiple of 16; the nearest valid sizes are 32 or 48"):
-        pipe.img2img("a cat", np.zeros((40, 32, 3), np.float32))
-    with pytest.raises(ValueError, match="width=24 is not a multiple of 16; the nearest valid sizes are 16 or 32"):
-        pipe.inpaint("a cat", np.zeros((32, 24, 3), np.float32), np.zeros((32, 24), np.float32))
+    with pytest.raises(ValueError, match="height=36 is not a multiple of 8; the nearest valid sizes are 32 or 40"):
+        pipe.img2img("a cat", np.zeros((36, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="width=20 is not a multiple of 8; the nearest valid sizes are 16 or 24"):
+        pipe.inpaint("a cat", np.zeros((32, 20, 3), np.float32), np.zeros((32, 20), np.float32))
     with pytest.raises(ValueError, match=r"the mask is 16×32 \(W×H\) and the image 32×32"):
         pipe.inpaint("a cat", images, np.zeros((32, 16), np.float32))
     with pytest.raises(ValueError, match="an array of uint8 .divide 8-bit values by 255"):

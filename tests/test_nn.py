@@ -177,3 +177,12 @@ def test_recorded_cross_attention_is_the_float64_softmax_and_changes_nothing():
     want /= want.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(weights[0]), want, rtol=1e-5, atol=1e-6)
     assert Attention.attend.__name__ == "attend"  # put back after the block
+
+
+@pytest.mark.parametrize("size", [(4, 6), (3, 5), (5, 9), (9, 7), (2, 2)])
+def test_upsample_to_a_size_matches_torch_nearest(size):
+    """``upsample_nearest(x, size)`` is PyTorch's ``F.interpolate(x, size, mode="nearest")`` (what diffusers'
+    Upsample2D does with ``output_size``), index for index."""
+    x = np.random.default_rng(0).standard_normal((2, 2, 3, 4)).astype(np.float32)  # (B, H, W, C) = 2×3
+    want = torch.nn.functional.interpolate(torch.from_numpy(nchw(x)), size=size, mode="nearest").numpy()
+    np.testing.assert_array_equal(np.asarray(upsample_nearest(jnp.asarray(x), size)), nhwc(want))

@@ -17,7 +17,7 @@ import sdjax
 from sdjax import compvis, samplers
 from sdjax.samplers import from_config as sampler_from_config
 from sdjax.samplers import make
-from tests.helpers import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, diffusers_images, tiny_pipeline
+from tests.helpers import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, THREE_LEVEL_UNET, diffusers_images, tiny_pipeline
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -72,6 +72,31 @@ def test_images_match_diffusers(models, scheduler, guidance_scale):
     print(f"{scheduler} w={guidance_scale}: max |sdjax − diffusers| = {error:.2e}")
     assert error <= PARITY_ATOL
     assert np.ptp(want) > 0.01  # the comparison is not between two constant images
+
+
+@pytest.fixture(scope="module")
+def three_levels(tmp_path_factory):
+    """(diffusers pipeline, sdjax pipeline) with a 3-level UNet: latents halved twice."""
+    folder = tmp_path_factory.mktemp("pipeline3")
+    return tiny_pipeline(folder, unet=THREE_LEVEL_UNET), sdjax.StableDiffusion.from_pretrained(folder / "model")
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+@pytest.mark.parametrize("height, width", [(48, 64), (72, 56)])
+def test_any_multiple_of_8_matches_diffusers(three_levels, scheduler, height, width):
+    """Sizes diffusers and the web UIs run and that a UNet cannot halve evenly twice (latents 6×8 → 3×4 → 2×2,
+    9×7 → 5×4 → 3×2): the up path resizes to each skip connection, as diffusers' does."""
+    reference, pipe = three_levels
+    assert pipe.size_multiple == 8
+    latents = np.random.default_rng(3).standard_normal((2, 4, height // 8, width // 8)).astype(np.float32)
+    want = diffusers_images(reference, scheduler, height=height, width=width, num_inference_steps=3,
+                            guidance_scale=7.5, latents=torch.from_numpy(latents))  # fmt: skip
+    got = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=3, guidance_scale=7.5, scheduler=scheduler,
+               latents=latents, height=height, width=width, output_type="np")  # fmt: skip
+    assert got.shape == want.shape == (2, height, width, 3)
+    error = float(np.max(np.abs(got - want)))
+    print(f"{scheduler} {height}×{width}: max |sdjax − diffusers| = {error:.2e}")
+    assert error <= PARITY_ATOL and np.ptp(want) > 0.01
 
 
 def test_checkpoint_scheduler_and_output_types(models):
@@ -143,10 +168,10 @@ def test_bfloat16_stays_close_to_float32(models):
 
 def test_errors_and_warnings(models):
     _, _, pipe = models
-    with pytest.raises(ValueError, match="height=40 is not a multiple of 16; the nearest valid sizes are 32 or 48"):
-        pipe("a cat", height=40)
-    with pytest.raises(ValueError, match="width=12 .* nearest valid sizes are 16"):
-        pipe("a cat", width=12)
+    with pytest.raises(ValueError, match="height=44 is not a multiple of 8; the nearest valid sizes are 40 or 48"):
+        pipe("a cat", height=44)
+    with pytest.raises(ValueError, match="width=6 .* nearest valid sizes are 8"):
+        pipe("a cat", width=6)
     with pytest.raises(ValueError, match="unknown scheduler 'k_euler'"):
         pipe("a cat", scheduler="k_euler")
     with pytest.raises(ValueError, match=r"latents of shape \(1, 4, 8, 8\): expected \(2, 4, 4, 4\)"):

@@ -29,7 +29,8 @@ def test_shapes():
     x = jnp.zeros((2, 16, 16, 3))
     assert shape(x, jnp.array([1, 2])) == (2, 16, 16, 5)
     assert shape(x, 7) == (2, 16, 16, 5)  # a scalar t is broadcast over the batch
-    assert shape(jnp.zeros((1, 8, 24, 3)), 0) == (1, 8, 24, 5)  # any multiple of 2^(L-1)
+    assert shape(jnp.zeros((1, 8, 24, 3)), 0) == (1, 8, 24, 5)
+    assert shape(jnp.zeros((1, 9, 7, 3)), 0) == (1, 9, 7, 5)  # odd sizes: 9 → 5 → back to 9 via the skip's size
     assert len(model.up_blocks[0].resnets) == 2 and len(model.up_blocks[0].attentions) == 2
     assert len(model.down_blocks[0].attentions) == 0 and len(model.down_blocks[1].downsamplers) == 0
 
@@ -55,10 +56,10 @@ def test_config_errors(change, match):
         UNetConfig(**{**TINY, **change})
 
 
-def test_input_size_must_fit_levels():
+def test_input_must_be_nhwc_with_its_channels():
     model = UNet2D(UNetConfig(**TINY, layers_per_block=1), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="multiples"):
-        model(jnp.zeros((1, 15, 16, 3)), 0)
+    with pytest.raises(ValueError, match=r"x must be \(B, H, W, 3\), got \(1, 3, 16, 16\)"):
+        model(jnp.zeros((1, 3, 16, 16)), 0)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +137,38 @@ def test_conditional_matches_diffusers(extra):
     assert err < RTOL, f"relative error {err:.2e}"
     # the text matters: another context gives a clearly different output
     assert rel_err(step(ours, jnp.asarray(x), jnp.asarray(t), jnp.asarray(context[::-1])), want) > 1e-3
+
+
+# three levels, so latents are halved twice: 9 → 5 → 3 and 6 → 3 → 2 need the up path's resize to the skips
+THREE_LEVELS = {
+    **COND,
+    "block_out_channels": (32, 32, 64),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+
+
+@pytest.mark.parametrize("hw", [(9, 7), (6, 8), (5, 5), (8, 8)])
+def test_conditional_matches_diffusers_at_any_size(hw):
+    """Latents of SD images that are multiples of 8 but not of 8 · 2^(L−1) (72×56 → 9×7, 48×64 → 6×8): diffusers
+    resizes each upsampler's output to its skip connection's size (``forward_upsample_size``); so must sdjax."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+
+    torch.manual_seed(0)
+    ref = reference_unet(**THREE_LEVELS)
+    ours = UNet2D(UNetConfig.from_diffusers(dict(ref.config)), rngs=nnx.Rngs(0))
+    load_torch_state(ours, ref.state_dict())
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, *hw, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 7, 16)).astype(np.float32)
+    t = np.array([10, 900])
+    with torch.no_grad():
+        want = nhwc(ref(torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(context)).sample.numpy())
+    got = nnx.jit(lambda m, x, t, c: m(x, t, c))(ours, jnp.asarray(x), jnp.asarray(t), jnp.asarray(context))
+    assert got.shape == want.shape == (2, *hw, 4)
+    err = rel_err(got, want)
+    assert err < RTOL, f"{hw}: relative error {err:.2e}"
 
 
 def test_conditional_needs_its_context():

@@ -299,7 +299,8 @@ class UNetConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """2^(L−1): H and W must be multiples of it."""
+        """2^(L−1), from the input to the lowest level (a size that is not a multiple of it is resized on the
+        way up: :class:`UNet2D`)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
 
@@ -409,14 +410,17 @@ class UpBlock(nnx.Module):
         self.attentions = nnx.List([attention(c_out) for _ in skip_channels] if attention else [])
         self.upsamplers = nnx.List([Upsample(c_out, rngs=rngs)] if upsample else [])
 
-    def __call__(self, x: Array, skips: list[Array], temb: Array, context: Array | None = None) -> Array:
-        """Consumes ``len(self.resnets)`` arrays from the end of ``skips`` (popped in place)."""
+    def __call__(
+        self, x: Array, skips: list[Array], temb: Array, context: Array | None = None, size: tuple | None = None
+    ) -> Array:
+        """Consumes ``len(self.resnets)`` arrays from the end of ``skips`` (popped in place); ``size`` = (H', W'),
+        the next level's skip size, which the upsampler meets (2h, 2w unless the encoder halved an odd size)."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
             if self.attentions:
                 x = _attend(self.attentions[j], x, context)
         for up in self.upsamplers:
-            x = up(x)
+            x = up(x, size)
         return x
 
 
@@ -425,8 +429,9 @@ class UNet2D(nnx.Module):
     in its config Stable Diffusion's text-conditioned ``UNet2DConditionModel``.
 
     Shapes: x (B, H, W, in_channels), t (B,) or a scalar, context (B, S, cross_attention_dim) for a
-    text-conditioned config → (B, H, W, out_channels); H and W must be multiples of
-    ``cfg.downsample_factor``.
+    text-conditioned config → (B, H, W, out_channels), for any H and W: a level of odd size halves to
+    ⌈H/2⌉, and the up path resizes to each skip connection's size (diffusers' ``upsample_size``), so
+    SD's 8× latents of any multiple-of-8 image work (600×800 → 75×100).
     """
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
@@ -516,9 +521,8 @@ class UNet2D(nnx.Module):
 
     def __call__(self, x: Array, t: Array | float, context: Array | None = None) -> Array:
         cfg = self.config
-        f = cfg.downsample_factor
-        if x.shape[1] % f or x.shape[2] % f:
-            raise ValueError(f"UNet2D: H×W = {x.shape[1]}×{x.shape[2]} must be multiples of 2^(L−1) = {f}")
+        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"UNet2D: x must be (B, H, W, {cfg.in_channels}), got {tuple(x.shape)}")
         if cfg.cross_attention_dim is None and context is not None:
             raise ValueError("this UNet2D is not text-conditioned (cross_attention_dim=None): call it without context")
         if cfg.cross_attention_dim is not None:
@@ -540,7 +544,8 @@ class UNet2D(nnx.Module):
         for block in self.up_blocks:
             n = len(block.resnets)  # the skips this block consumes, handed over as a list of its own
             skips, taken = skips[:-n], skips[-n:]
-            h = self._run(block, h, taken, temb, context)
+            size = skips[-1].shape[1:3] if skips else None  # where the upsampler must land: the next skip
+            h = self._run(block, h, taken, temb, context, size)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
 
     def _run(self, block: nnx.Module, *args):
