@@ -205,7 +205,9 @@ def tiny_pipeline(folder, in_channels=4, unet=None):
     from sdjax.tokenizer import CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = reference_unet(**{"sample_size": SIZE // 8, "in_channels": in_channels, "block_out_channels": (16, 32), **(unet or {})})
+    unet = reference_unet(
+        **{"sample_size": SIZE // 8, "in_channels": in_channels, "block_out_channels": (16, 32), **(unet or {})}
+    )
     vae = reference_vae((8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
     text = reference_text_encoder()
     CLIPTokenizer.from_bpe_file().save_folder(folder / "tokenizer_src")
