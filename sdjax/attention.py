@@ -149,5 +149,8 @@ def attention(
         lengths=(q.shape[1], k.shape[1]),
     )
     if backend == "xla":
+        if platform == "cpu" and q.dtype == jnp.float16:  # XLA:CPU has no float16 dot with float32 accumulation
+            f32 = (a.astype(jnp.float32) for a in (q, k, v))
+            return _xla_attention(*f32, mask, is_causal).astype(jnp.float16)
         return _xla_attention(q, k, v, mask, is_causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=backend)

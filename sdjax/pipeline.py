@@ -309,7 +309,7 @@ class StableDiffusion(Adapters):
 
         # 3. the denoising chain, 4. decode
         x = self._denoise(chain, chain.start(x), Inputs(context, noise_keys), opts)
-        return self._output(x, opts.output_type, n)
+        return self._output(x, opts.output_type, n, chain)
 
     # ---------------------------------------------------------------------------------------------
     # Image to image, inpainting (sdjax.img2img)
@@ -447,7 +447,7 @@ class StableDiffusion(Adapters):
             else:  # [x, m, E(image · (1 − m))]
                 masked = encode(img2img.masked_image(pixels, masks), masked_keys)
                 inputs = inputs._replace(extra=jnp.concatenate([latent_mask, masked], axis=-1))
-        return self._output(self._denoise(chain, x, inputs, opts), opts.output_type, n)
+        return self._output(self._denoise(chain, x, inputs, opts), opts.output_type, n, chain)
 
     # ---------------------------------------------------------------------------------------------
     # The parts every call shares
@@ -514,10 +514,40 @@ class StableDiffusion(Adapters):
         with _Progress.shown(chain, self.progress):
             return jax.block_until_ready(_denoise(*unet, self.dtype, self.progress, chain, x, inputs, guidance_scale))
 
-    def _output(self, x: Array, output_type: str, n: int):
+    def _output(self, x: Array, output_type: str, n: int, chain: Chain):
         """Final latents (N', h, w, 4) of a padded, sharded batch → what ``output_type`` asks for (see
-        :class:`Options`) for its first ``n`` images; the decoding runs on the devices that hold them."""
+        :class:`Options`) for its first ``n`` images; the decoding runs on the devices that hold them.
+
+        No black images: non-finite latents raise FloatingPointError naming the run, rather than becoming
+        black PNGs; a float16 VAE whose config says ``force_upcast`` (SD's and SDXL's do) decodes in
+        float32, as diffusers does, and any other half-precision decode that overflows is redone in float32.
+        """
+        finite = np.asarray(jnp.isfinite(x[:n]).all(axis=(1, 2, 3)))
+        if not finite.all():
+            raise FloatingPointError(
+                f"{int((~finite).sum())} of {n} images have non-finite latents after {len(chain)} steps of "
+                f"{chain.sampler.name} in {jnp.dtype(self.dtype).name}; nothing was decoded. Try float32 (or "
+                "bfloat16, which has float32's range), fewer or other steps, or a lower guidance scale."
+            )
         if output_type == "latent":
             return images.to_user_latents(np.asarray(x)[:n])
-        decoded = np.asarray(latents.decode(self._replicated(self.vae), x, self.dtype, self.vae_tile))[:n]
+        half = jnp.dtype(self.dtype) != jnp.float32
+        upcast = jnp.dtype(self.dtype) == jnp.float16 and self.vae.config.force_upcast
+        decoded = np.asarray(latents.decode(self._decoder(upcast), x, jnp.float32 if upcast else self.dtype,
+                                            self.vae_tile))[:n]  # fmt: skip
+        if half and not upcast and not np.isfinite(decoded).all():
+            warnings.warn(
+                f"the VAE decoded non-finite values in {jnp.dtype(self.dtype).name}: decoding again in float32",
+                stacklevel=3,
+            )
+            decoded = np.asarray(latents.decode(self._decoder(True), x, jnp.float32, self.vae_tile))[:n]
         return decoded if output_type == "np" else images.to_pil(decoded)
+
+    def _decoder(self, float32: bool) -> nnx.Module:
+        """The VAE to decode with: itself, or (``float32``) a float32 copy, made once and kept."""
+        if not float32 or jnp.dtype(self.dtype) == jnp.float32:
+            return self._replicated(self.vae)
+        if getattr(self, "_vae_float32", None) is None:
+            graphdef, params, rest = nnx.split(self.vae, nnx.Param, ...)
+            self._vae_float32 = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.float32), params), rest)
+        return self._replicated(self._vae_float32)

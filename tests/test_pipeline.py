@@ -9,6 +9,9 @@ within 1e-3 (images in [0, 1], float32; measured, 4 steps, guidance 7.5: ddim 1.
 euler 1.5e-6, dpmpp_2m 1.4e-6, lms 2.0e-6, heun 1.1e-6; euler without guidance 6e-7).
 """
 
+import dataclasses
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -164,6 +167,46 @@ def test_bfloat16_stays_close_to_float32(models):
     error = float(np.max(np.abs(low - full)))
     print(f"bf16 vs fp32: max abs difference {error:.2e}")
     assert error < 0.05
+
+
+def overflowing(folder, dtype, force_upcast):
+    """The tiny pipeline with its decoder's first 1×1 convolution scaled 20,000×: its weights stay below float16's
+    65,504, its outputs (latents up to ~25 after unscaling) do not."""
+    pipe = sdjax.StableDiffusion.from_pretrained(folder, dtype=dtype)
+    kernel = pipe.vae.post_quant_conv.kernel
+    kernel.set_value(kernel[...] * 20_000)
+    pipe.vae.config = dataclasses.replace(pipe.vae.config, force_upcast=force_upcast)
+    return pipe
+
+
+def test_float16_vae_overflow_is_decoded_in_float32(models):
+    """No black images: SD's VAE overflows float16; with ``force_upcast`` (diffusers' default, SD's config) the
+    float16 pipeline decodes in float32, and without it a non-finite float16 decode is redone in float32, with a
+    warning. Either way the images are the float32 pipeline's, to float16's precision in the UNet."""
+    _, folder, _ = models
+    kwargs = dict(num_inference_steps=2, scheduler="ddim", latents=start_latents(), output_type="np")
+    reference = overflowing(folder, "float32", True)(PROMPTS, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: decoded in float32 from the start
+        upcast = overflowing(folder, "float16", True)(PROMPTS, **kwargs)
+    with pytest.warns(UserWarning, match="the VAE decoded non-finite values in float16: decoding again in float32"):
+        retried = overflowing(folder, "float16", False)(PROMPTS, **kwargs)
+    for images in (upcast, retried):
+        assert np.isfinite(images).all() and np.max(np.abs(images - reference)) < 0.05
+    # the overflow is real: this VAE in float16, asked directly, decodes the final latents to non-finite values
+    pipe = overflowing(folder, "float16", False)
+    z = pipe(PROMPTS, **{**kwargs, "output_type": "latent"}).transpose(0, 2, 3, 1) / pipe.vae.config.scaling_factor
+    assert not np.isfinite(np.asarray(pipe.vae.decode(jnp.asarray(z, jnp.float16)), np.float32)).all()
+
+
+def test_non_finite_latents_raise_instead_of_black_images(models):
+    _, folder, _ = models
+    pipe = sdjax.StableDiffusion.from_pretrained(folder)
+    bias = pipe.unet.conv_out.bias
+    bias.set_value(bias[...].at[0].set(jnp.nan))
+    message = r"2 of 2 images have non-finite latents after 3 steps of euler in float32; nothing was decoded"
+    with pytest.raises(FloatingPointError, match=message):
+        pipe(PROMPTS, num_inference_steps=3, scheduler="euler")
 
 
 def test_errors_and_warnings(models):

@@ -40,18 +40,20 @@ class VAEConfig(AutoencoderConfig):
     scaling_factor: latents are multiplied by this before diffusion so they have roughly unit
         variance (SD1/2: 0.18215); ``decode`` expects unscaled latents.
     use_quant_conv: the 1×1 convolutions between encoder/decoder and the latent (SD has them).
+    force_upcast: a float16 pipeline decodes with this VAE in float32 (diffusers' flag, True by default: SD's
+        decoder overflows float16's 65,504 and gives black images otherwise). It does not change the network.
     """
 
     scaling_factor: float = 1.0
     use_quant_conv: bool = True
+    force_upcast: bool = True
 
     @classmethod
     def from_diffusers(cls, config: dict) -> VAEConfig:
         """The config of a diffusers ``AutoencoderKL`` (its ``config.json``).
 
         Options sdjax does not implement must have their default values (ValueError naming them
-        otherwise). ``force_upcast`` (decode in float32 under fp16) and ``sample_size`` do not change
-        the network and are ignored.
+        otherwise). ``sample_size`` does not change the network and is ignored.
         """
         must_be = {
             "act_fn": ("silu",),
@@ -71,7 +73,7 @@ class VAEConfig(AutoencoderConfig):
             bad.append("use_quant_conv ≠ use_post_quant_conv")
         fields = {f.name for f in dataclasses.fields(cls)} - {"mid_block_attention"}
         known = (
-            set(must_be) | fields | {"force_upcast", "sample_size", "use_post_quant_conv", "mid_block_add_attention"}
+            set(must_be) | fields | {"sample_size", "use_post_quant_conv", "mid_block_add_attention"}
         )
         bad += [f"{k} (unknown key)" for k in config if not k.startswith("_") and k not in known]
         if bad:
@@ -98,6 +100,7 @@ class VAEConfig(AutoencoderConfig):
             "use_quant_conv": self.use_quant_conv,
             "use_post_quant_conv": self.use_quant_conv,
             "mid_block_add_attention": self.mid_block_attention,
+            "force_upcast": self.force_upcast,
         }
 
     @classmethod
