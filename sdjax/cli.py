@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # how bad flags, files and models are reported; others: bugs
+    # how bad flags, files and models are reported, and a run that diverged (non-finite latents); others: bugs
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 
