@@ -84,9 +84,13 @@ def three_levels(tmp_path_factory):
     return tiny_pipeline(folder, unet=THREE_LEVEL_UNET), sdjax.StableDiffusion.from_pretrained(folder / "model")
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
-@pytest.mark.parametrize("height, width", [(48, 64), (72, 56)])
-def test_any_multiple_of_8_matches_diffusers(three_levels, scheduler, height, width):
+@pytest.mark.parametrize(
+    "height, width, scheduler",
+    # the default run: each size and each sampler once; the other three pairs under -m slow
+    [(48, 64, "ddim"), (72, 56, "euler"), (72, 56, "dpmpp_2m")]
+    + [pytest.param(*c, marks=pytest.mark.slow) for c in [(48, 64, "euler"), (48, 64, "dpmpp_2m"), (72, 56, "ddim")]],
+)
+def test_any_multiple_of_8_matches_diffusers(three_levels, height, width, scheduler):
     """Sizes diffusers and the web UIs run and that a UNet cannot halve evenly twice (latents 6×8 → 3×4 → 2×2,
     9×7 → 5×4 → 3×2): the up path resizes to each skip connection, as diffusers' does."""
     reference, pipe = three_levels

@@ -148,7 +148,7 @@ THREE_LEVELS = {
 }
 
 
-@pytest.mark.parametrize("hw", [(9, 7), (6, 8), (5, 5), (8, 8)])
+@pytest.mark.parametrize("hw", [(9, 7), (6, 8), (5, 5)])
 def test_conditional_matches_diffusers_at_any_size(hw):
     """Latents of SD images that are multiples of 8 but not of 8 · 2^(L−1) (72×56 → 9×7, 48×64 → 6×8): diffusers
     resizes each upsampler's output to its skip connection's size (``forward_upsample_size``); so must sdjax."""
