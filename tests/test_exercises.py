@@ -10,6 +10,7 @@ import pytest
 
 from sdjax import editions
 from sdjax import exercises as ex
+from sdjax.exercises import core
 from sdjax.models.autoencoder import reconstruction_loss
 from sdjax.models.vae import kl_divergence, reparameterize, vae_loss
 from sdjax.nn import upsample_nearest
@@ -366,14 +367,14 @@ def placeholder(*args):
 
 @pytest.mark.parametrize("name", CASES)
 def test_open_exercise_is_reported_not_raised(name, capsys, monkeypatch):
-    monkeypatch.setattr(ex, "_verdicts", {})
+    monkeypatch.setattr(core, "verdicts", {})
     exercise = ex.EXERCISES[name]
     assert CASES[name][0](placeholder) is False
     assert capsys.readouterr().out == (
         f"○ exercise {exercise.number} of notebook {exercise.notebook} ({name}) is still open: write the body of "
         f"{name} in place of `...  # YOUR CODE HERE` (and `return` the result), run its cell, then this check again.\n"
     )
-    assert ex._verdicts == {name: "open"}
+    assert core.verdicts == {name: "open"}
 
 
 def test_strip_source_writes_the_placeholder_the_checks_recognise():
@@ -396,7 +397,7 @@ def test_every_exercise_is_registered_once():
 
 
 def test_summary_lists_correct_wrong_open_and_unchecked(capsys, monkeypatch):
-    monkeypatch.setattr(ex, "_verdicts", {})
+    monkeypatch.setattr(core, "verdicts", {})
     ex.check_q_sample(CASES["q_sample"][1])
     with pytest.raises(ex.ExerciseError):
         ex.check_ddpm_step(CASES["ddpm_step"][2][0][0])

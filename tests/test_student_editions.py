@@ -79,7 +79,7 @@ def test_student_edition_cells(tmp_path):
     assert (edition.stripped, edition.cleared, [e.name for e in edition.exercises]) == (1, 1, ["upsample_nearest"])
     header, link, exercise, plain, summary_text, summary = nb.cells
     assert "Student edition" in header.source and "[`../01_toy.ipynb`](../01_toy.ipynb)" in header.source
-    assert "1 · `upsample_nearest`" in header.source
+    assert "2 · `upsample_nearest`" in header.source  # exercise 2 of notebook 01
     assert "blob/main/notebooks/01_toy.ipynb" in header.source  # the solutions on Colab
     assert "blob/main/notebooks/exercises/01_toy.ipynb" in link.source  # this notebook's own badge opens this copy
     assert ex.PLACEHOLDER in exercise.source and "return x" not in exercise.source

@@ -545,9 +545,12 @@ class UNet2D(nnx.Module):
             n = len(block.resnets)  # the skips this block consumes, handed over as a list of its own
             skips, taken = skips[:-n], skips[-n:]
             size = skips[-1].shape[1:3] if skips else None  # where the upsampler must land: the next skip
-            h = self._run(block, h, taken, temb, context, size)
+            h = self._run(block, h, taken, temb, context, size=size)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
 
-    def _run(self, block: nnx.Module, *args):
-        """``block(*args)``, under ``nnx.remat`` when :attr:`remat` is on."""
-        return nnx.remat(lambda b, *a: b(*a))(block, *args) if self.remat else block(*args)
+    def _run(self, block: nnx.Module, *args, **static):
+        """``block(*args, **static)``, under ``nnx.remat`` when :attr:`remat` is on (``static``: Python values,
+        such as a size, that stay out of the traced arguments)."""
+        if self.remat:
+            return nnx.remat(lambda b, *a: b(*a, **static))(block, *args)
+        return block(*args, **static)
