@@ -39,7 +39,7 @@ class Exercise:
         return f"exercise {self.number} of notebook {self.notebook} ({self.name})"
 
 
-EXERCISES: dict[str, Exercise] = {}  # name → exercise, filled by the ``check_*`` definitions below
+EXERCISES: dict[str, Exercise] = {}  # name → exercise, filled by the ``check_*`` of pixels.py and latent.py
 verdicts: dict[str, str] = {}  # name → the latest check's verdict in this Python process: correct, open, wrong: …
 
 
