@@ -37,7 +37,9 @@ def _moments(graphdef, state, dtype, images: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dtype"))
 def _decoded(graphdef, state, dtype, z: Array) -> Array:
-    """Unscaled latents (N, h, w, c) float32 → the decoder's (N, h·f, w·f, 3) float32, about [−1, 1]."""
+    """Unscaled latents (N, h, w, c) float32 → the decoder's (N, h·f, w·f, 3) float32, about [−1, 1], computed in
+    ``dtype``: the weights are cast to it inside the compiled function (a float16 VAE decodes in float32 this way)."""
+    state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     return nnx.merge(graphdef, state).decode(z.astype(dtype)).astype(jnp.float32)
 
 

@@ -533,21 +533,12 @@ class StableDiffusion(Adapters):
             return images.to_user_latents(np.asarray(x)[:n])
         half = jnp.dtype(self.dtype) != jnp.float32
         upcast = jnp.dtype(self.dtype) == jnp.float16 and self.vae.config.force_upcast
-        decoded = np.asarray(latents.decode(self._decoder(upcast), x, jnp.float32 if upcast else self.dtype,
-                                            self.vae_tile))[:n]  # fmt: skip
+        vae = self._replicated(self.vae)
+        decoded = np.asarray(latents.decode(vae, x, jnp.float32 if upcast else self.dtype, self.vae_tile))[:n]
         if half and not upcast and not np.isfinite(decoded).all():
             warnings.warn(
                 f"the VAE decoded non-finite values in {jnp.dtype(self.dtype).name}: decoding again in float32",
                 stacklevel=3,
             )
-            decoded = np.asarray(latents.decode(self._decoder(True), x, jnp.float32, self.vae_tile))[:n]
+            decoded = np.asarray(latents.decode(vae, x, jnp.float32, self.vae_tile))[:n]
         return decoded if output_type == "np" else images.to_pil(decoded)
-
-    def _decoder(self, float32: bool) -> nnx.Module:
-        """The VAE to decode with: itself, or (``float32``) a float32 copy, made once and kept."""
-        if not float32 or jnp.dtype(self.dtype) == jnp.float32:
-            return self._replicated(self.vae)
-        if getattr(self, "_vae_float32", None) is None:
-            graphdef, params, rest = nnx.split(self.vae, nnx.Param, ...)
-            self._vae_float32 = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.float32), params), rest)
-        return self._replicated(self._vae_float32)
