@@ -20,7 +20,8 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.probe         the attribute probe that reads what a shapes image shows
     sdjax.metrics       sample quality: nearest real images, held-out share, coverage, IoU
     sdjax.tokenizer     CLIP's byte-level BPE tokenizer
-    sdjax.prompts       prompts to text-encoder contexts
+    sdjax.prompts       prompts to text-encoder contexts: long prompts in chunks, weights applied
+    sdjax.prompt_syntax the web UI's and compel's prompt weighting grammars
     sdjax.components    the networks, tokenizer and schedule of one checkpoint
     sdjax.convert       weights in and out: PyTorch names and layouts, diffusers folders, sdjax folders
     sdjax.compvis       CompVis single-file checkpoints (.ckpt/.safetensors)

@@ -3,8 +3,9 @@ inpainting, as diffusers' ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgP
 ``StableDiffusionInpaintPipeline`` run them. The four stages of a txt2img run (:meth:`StableDiffusion.__call__`):
 
 1. Encode the text (:mod:`sdjax.prompts`). Each prompt becomes 77 CLIP token ids and the text encoder
-   turns them into the context c = CLIP(ids), (77, D); the negative prompt (default "") gives the
-   unconditional context c_∅ the same way.
+   turns them into the context c = CLIP(ids), (77, D) (a longer prompt: 77 for each chunk of 75 tokens,
+   side by side; weights written in ``prompt_syntax`` scale the tokens' encodings); the negative prompt
+   (default "") gives the unconditional context c_∅ the same way.
 
 2. Start from noise. The latent image is (h, w, 4) = (H/f, W/f, 4), f = 2^(levels − 1) the VAE's
    downsampling factor (8 for SD). Image i has its own key k_i = ``fold_in(PRNGKey(seed), i)``, split
@@ -59,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import chain as chain_lib
-from sdjax import convert, devices, images, img2img, latents, prompts, samplers
+from sdjax import convert, devices, images, img2img, latents, prompt_syntax, prompts, samplers
 from sdjax.adapters import Adapters
 from sdjax.components import Components
 from sdjax.samplers import Chain
@@ -67,6 +68,7 @@ from sdjax.samplers import Chain
 Array = jax.Array
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -87,6 +89,10 @@ class Options:
     callback: ``callback(i, t, latents)`` after every model evaluation i, with its timestep t and the
       latents x after the step, (N, 4, h, w) float32 numpy (diffusers' layout). The chain then runs one
       jitted step at a time instead of one compiled loop: the same images, to the bit.
+    prompt_syntax: how prompts are read: "none" (literally), "a1111" (``(word:1.3)``, ``[word]``, BREAK) or
+      "compel" (``word++``, ``(words)0.8``, ``.blend()``, ``.and()``); :mod:`sdjax.prompt_syntax`.
+    truncate_prompts: cut prompts to CLIP's 75 tokens with a warning, as diffusers does, instead of
+      encoding longer ones whole in 75-token chunks (:mod:`sdjax.prompts`).
     """
 
     negative_prompt: str | list[str] | None = None
@@ -98,8 +104,12 @@ class Options:
     num_images_per_prompt: int = 1
     output_type: str = "pil"
     callback: Callable[[int, float, np.ndarray], None] | None = None
+    prompt_syntax: str = "none"
+    truncate_prompts: bool = False
 
     def __post_init__(self):
+        if self.prompt_syntax not in prompt_syntax.SYNTAXES:
+            raise ValueError(f"prompt_syntax={self.prompt_syntax!r}: expected one of {prompt_syntax.SYNTAXES}")
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={self.output_type!r}: expected one of {OUTPUT_TYPES}")
         if self.num_images_per_prompt < 1:
@@ -120,7 +130,7 @@ class Options:
 class Inputs(NamedTuple):
     """What the chain over N images takes besides x, per image (padded and split over devices together).
 
-    context: (2N, 77, D) each image's pair (c_∅,n, c_n) under guidance, else (N, 77, D).
+    context: (2N, T, D) each image's pair (c_∅,n, c_n) under guidance, else (N, T, D); T = 77 per chunk.
     keys: (N, 2) each image's step-noise key. extra: (N, h, w, C) the channels an inpainting UNet takes
     after x's (the mask and the masked image's latents, C = 5), or None. blend: latent blending, or None.
     """
@@ -258,10 +268,14 @@ class StableDiffusion(Adapters):
         """Whether the UNet takes the mask and masked-image latents besides x (SD-inpainting's 9 channels)."""
         return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
 
-    def encode_prompt(self, texts: list[str]) -> Array:
-        """Prompts → contexts (B, 77, D) (:mod:`sdjax.prompts`), warning about every prompt cut to fit 77 tokens."""
-        self._warn_truncated(texts)
-        return prompts.encode(self.tokenizer, self.text_encoder, texts)
+    def encode_prompt(self, texts: list[str], *, prompt_syntax: str = "none", truncate_prompts: bool = False) -> Array:
+        """Prompts → contexts (B, 77·k, D) (:mod:`sdjax.prompts`; k = 1 up to 75 tokens), with the options'
+        meanings of :class:`Options`."""
+        context, messages = prompts.encode(
+            self.tokenizer, self.text_encoder, texts, syntax=prompt_syntax, truncate=truncate_prompts
+        )
+        self._warn(messages)
+        return context
 
     # ---------------------------------------------------------------------------------------------
     # Text to image
@@ -286,7 +300,6 @@ class StableDiffusion(Adapters):
         """
         opts = Options.of(options)
         texts, negatives = prompts.prompt_lists(prompt, opts.negative_prompt)
-        self._warn_truncated(texts + (negatives if opts.guided else []))
         self._check_unet("txt2img")
         f = self.vae_scale_factor
         height = height or self.unet.config.sample_size * f
@@ -345,7 +358,6 @@ class StableDiffusion(Adapters):
         """
         opts = Options.of(options)
         texts, negatives = prompts.prompt_lists(prompt, opts.negative_prompt)
-        self._warn_truncated(texts + (negatives if opts.guided else []))
         self._check_unet("img2img")
         return self._from_image(texts, negatives, image, None, strength, opts, None, noise, vae_noise)
 
@@ -382,7 +394,6 @@ class StableDiffusion(Adapters):
         """
         opts = Options.of(options)
         texts, negatives = prompts.prompt_lists(prompt, opts.negative_prompt)
-        self._warn_truncated(texts + (negatives if opts.guided else []))
         latent_channels = self.vae.config.latent_channels
         if self.unet.config.in_channels != latent_channels and not self.is_inpainting_model:
             raise ValueError(
@@ -453,10 +464,14 @@ class StableDiffusion(Adapters):
     # The parts every call shares
     # ---------------------------------------------------------------------------------------------
 
-    def _warn_truncated(self, texts: list[str]) -> None:
-        """Warn about every prompt over CLIP's 77 tokens, at the line of the caller of the public method."""
-        for message in prompts.truncated(self.tokenizer, texts):
-            warnings.warn(message, stacklevel=3)
+    @staticmethod
+    def _warn(messages: list[str]) -> None:
+        """Warn about every prompt truncation cut, at the first line outside sdjax (the user's call)."""
+        level, frame = 1, sys._getframe(0)
+        while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            level, frame = level + 1, frame.f_back
+        for message in messages:
+            warnings.warn(message, stacklevel=level)
 
     def _check_size(self, name: str, value: int) -> None:
         m = self.size_multiple
@@ -482,8 +497,12 @@ class StableDiffusion(Adapters):
         return sampler.chain(samplers.schedule_for(sampler, config, self.schedule), start)
 
     def _contexts(self, texts: list[str], negatives: list[str], opts: Options) -> Array:
-        copies = opts.num_images_per_prompt
-        return prompts.contexts(self.tokenizer, self.text_encoder, texts, negatives, copies, opts.guided)
+        context, messages = prompts.contexts(
+            self.tokenizer, self.text_encoder, texts, negatives, opts.num_images_per_prompt, opts.guided,
+            syntax=opts.prompt_syntax, truncate=opts.truncate_prompts,
+        )  # fmt: skip
+        self._warn(messages)
+        return context
 
     def _replicated(self, module: nnx.Module) -> nnx.Module:
         """``module`` with its parameters on every device, put there in place on first use

@@ -16,14 +16,16 @@ redraw any sample). Batch b of the run (from 0) is drawn with seed ``--seed`` + 
 from ``fold_in(PRNGKey(seed + b), i)`` (:class:`sdjax.StableDiffusion`).
 
 Every PNG records how it was made in text chunks: prompt, negative_prompt, seed, index, batch_size,
-sampler, steps, scale, eta, size (W×H), model, dtype, sdjax_version (img2img adds init_image and
-strength; the grid lists its prompts, one per line, and the run's first seed), and all of it as one
-AUTOMATIC1111-style ``parameters`` text. A sample is regenerated exactly by repeating its batch::
+sampler, steps, scale, eta, size (W×H), model, dtype, prompt_syntax, truncate_prompts, sdjax_version
+(img2img adds init_image and strength; the grid lists its prompts, one per line, and the run's first
+seed), and all of it as one AUTOMATIC1111-style ``parameters`` text. A sample is regenerated exactly by
+repeating its batch::
 
     pipe = StableDiffusion.from_pretrained(model, dtype=dtype)
     w, h = size.split("x")
     pipe(prompt, negative_prompt=negative_prompt, height=int(h), width=int(w), num_inference_steps=steps,
-         guidance_scale=scale, scheduler=sampler, eta=eta, seed=seed, num_images_per_prompt=batch_size)[index]
+         guidance_scale=scale, scheduler=sampler, eta=eta, seed=seed, num_images_per_prompt=batch_size,
+         prompt_syntax=prompt_syntax, truncate_prompts=truncate_prompts == "True")[index]
 
 and an img2img sample by ``pipe.img2img(prompt, image, strength=strength, …)[index]`` with the same
 arguments but height and width, ``image`` the init image resized to ``size`` with ``Image.LANCZOS``.
@@ -205,6 +207,8 @@ def _run_metadata(args: argparse.Namespace, sampler: str, width: int, height: in
         "size": f"{width}x{height}",
         "model": args.ckpt,
         "dtype": PRECISIONS[args.precision],
+        "prompt_syntax": args.prompt_syntax,
+        "truncate_prompts": str(args.truncate_prompts),
         "sdjax_version": __version__,
     }
 
@@ -219,6 +223,8 @@ def _options(args: argparse.Namespace, sampler: str) -> dict:
         num_images_per_prompt=args.n_samples,
         output_type="pil",
         eta=args.ddim_eta,
+        prompt_syntax=args.prompt_syntax,
+        truncate_prompts=args.truncate_prompts,
     )
 
 
@@ -300,6 +306,19 @@ def add_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
         "--prompt", help=f"the prompt to render (default: {BUNDLED_PROMPT!r} for the bundled model, else CompVis's)"
     )
     p.add_argument("--negative_prompt", default="", help="what to steer away from (default: none)")
+    p.add_argument(
+        "--prompt-syntax",
+        choices=["none", "a1111", "compel"],
+        default="none",
+        help="read weights in the prompts: a1111 '(word:1.3) [word] BREAK', compel 'word++ (words)0.8 "
+        "(\"a\", \"b\").blend(0.7, 0.3)'; none: the text as it is (%(default)s)",
+    )
+    p.add_argument(
+        "--truncate-prompts",
+        action="store_true",
+        help="cut prompts to CLIP's 75 tokens, with a warning, as diffusers does (default: longer prompts are "
+        "encoded whole, in 75-token chunks, as the web UI and compel do)",
+    )
     p.add_argument("--from-file", metavar="FILE", help="prompts, one per line (instead of --prompt)")
     p.add_argument(
         "--ckpt",

@@ -26,7 +26,7 @@ SIZE = 32  # the tiny model's native size: latents 4 × 4
 STEPS = ["--ddim_steps", "2"]
 FULL = ["--precision", "full"]  # every run that samples is float32, to share compilations (the default is bf16)
 SAMPLE_KEYS = {"prompt", "negative_prompt", "seed", "index", "batch_size", "sampler", "steps", "scale", "eta", "size"}
-SAMPLE_KEYS |= {"model", "dtype", "sdjax_version", "parameters"}
+SAMPLE_KEYS |= {"model", "dtype", "prompt_syntax", "truncate_prompts", "sdjax_version", "parameters"}
 
 
 def random_module(cls, config, rng: np.random.Generator):
@@ -97,6 +97,8 @@ def regenerate(meta: dict[str, str]) -> np.ndarray:
         eta=float(meta["eta"]),
         seed=int(meta["seed"]),
         num_images_per_prompt=int(meta["batch_size"]),
+        prompt_syntax=meta["prompt_syntax"],
+        truncate_prompts=meta["truncate_prompts"] == "True",
     )
     if "init_image" in meta:
         with Image.open(meta["init_image"]) as init:
@@ -129,6 +131,8 @@ def test_txt2img_samples_grid_metadata_and_regeneration(model, tmp_path, capsys)
         "size": f"{SIZE}x{SIZE}",
         "model": model,
         "dtype": "float32",
+        "prompt_syntax": "none",
+        "truncate_prompts": "False",
         "sdjax_version": sdjax.__version__,
     }
     for i, meta in enumerate(metas):
@@ -179,6 +183,18 @@ def test_prompts_from_file_skip_grid_and_skip_save(model, tmp_path, capsys):
     assert grid.shape == (3 * (SIZE + 1) + 1, 2 * (SIZE + 1) + 1, 3)  # one prompt's batch per row
     assert meta["prompt"] == "\n".join(prompts)
     assert "wrote the grid" in capsys.readouterr().out
+
+
+def test_prompt_syntax_flag_is_recorded_and_regenerates(model, tmp_path):
+    """--prompt-syntax a1111 weights "(red:1.4)": a different image from the literal text, and its metadata
+    redraws it."""
+    common = ["txt2img", "--ckpt", model, "--prompt", "a (red:1.4) bicycle", "--skip_grid", *STEPS, *FULL]
+    for syntax in ("a1111", "none"):
+        assert main([*common, "--outdir", str(tmp_path / syntax), "--prompt-syntax", syntax]) == 0
+    (weighted, meta), (literal, _) = (read_png(tmp_path / s / "samples" / "00000.png") for s in ("a1111", "none"))
+    assert meta["prompt_syntax"] == "a1111" and meta["truncate_prompts"] == "False"
+    assert np.abs(weighted.astype(int) - literal).max() > 0
+    np.testing.assert_array_equal(regenerate(meta), weighted)
 
 
 def test_img2img(model, tmp_path, capsys):

@@ -153,7 +153,9 @@ def test_errors_and_warnings(models):
     with pytest.raises(ValueError, match=r"latents of shape \(1, 4, 8, 8\): expected \(2, 4, 4, 4\)"):
         pipe(PROMPTS, latents=np.zeros((1, 4, 8, 8), np.float32))
     with pytest.warns(UserWarning, match="its last 25 tokens were dropped"):
-        pipe("cat " * 100, num_inference_steps=2, scheduler="euler_a", output_type="latent")
+        pipe("cat " * 100, num_inference_steps=2, scheduler="euler_a", output_type="latent", truncate_prompts=True)
+    with pytest.raises(ValueError, match=r"prompt_syntax='A1111': expected one of \('none', 'a1111', 'compel'\)"):
+        pipe("a cat", prompt_syntax="A1111")
 
 
 def test_progress_bar_counts_every_evaluation_and_changes_nothing(models, capsys):
