@@ -253,6 +253,11 @@ def load_single_file(
     unet = unet or (UNetConfig.sd2() if sd2 else UNetConfig.sd15())
     unet = dataclasses.replace(unet, in_channels=unet_in_channels(ckpt, default=unet.in_channels))
     vae = vae or VAEConfig.sd()
+    if unet.in_channels == vae.latent_channels + 1:
+        raise ValueError(
+            f"{path} is an SD 2 depth-to-image model (its UNet takes a depth map as a 5th input channel): sdjax "
+            "does not implement depth conditioning; it runs SD 1.x/2.x text-to-image, img2img and inpainting files"
+        )
     text_encoder = text_encoder or (CLIPTextConfig.sd2() if sd2 else CLIPTextConfig.sd1())
     v_prediction = sd2 and unet.in_channels == vae.latent_channels
     schedule = schedule or NoiseSchedule.sd15(prediction_type="v_prediction" if v_prediction else "epsilon")

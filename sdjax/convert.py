@@ -271,17 +271,38 @@ def abstract(cls, config):
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
 
 
+# diffusers pipelines whose folders look like SD's but need parts sdjax does not implement
+UNSUPPORTED_PIPELINES = {
+    "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image, whose UNet takes a depth map (from a MiDaS/DPT "
+    "depth estimator sdjax does not have) as a 5th input channel; sdjax runs SD 1.x/2.x text-to-image, img2img "
+    "and inpainting",
+    "StableDiffusionUpscalePipeline": "the x4 upscaler, whose UNet takes the low-resolution image and a noise "
+    "level; sdjax does not implement it",
+    "StableDiffusionLatentUpscalePipeline": "the latent x2 upscaler (a different UNet and conditioning); sdjax "
+    "does not implement it",
+}
+
+
 def load_diffusers(folder: str | os.PathLike) -> Components:
     """A diffusers Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}. Pass a diffusers model folder (one with model_index.json)")
+    index = folder / "model_index.json"
+    pipeline = _read_json(index).get("_class_name") if index.is_file() else None
+    if pipeline in UNSUPPORTED_PIPELINES:
+        raise ValueError(f"{folder} is a {pipeline} model: {UNSUPPORTED_PIPELINES[pipeline]}")
     missing = [p for p in PARTS if not (folder / p).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{folder} is not a complete diffusers Stable Diffusion folder: missing {missing} "
             f"(found {sorted(p.name for p in folder.iterdir())}). Download or copy the whole folder."
         )
+    pipeline = (
+        _read_json(folder / "model_index.json").get("_class_name") if (folder / "model_index.json").is_file() else None
+    )
+    if pipeline in UNSUPPORTED_PIPELINES:
+        raise ValueError(f"{folder} is a {pipeline} model: {UNSUPPORTED_PIPELINES[pipeline]}")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     return Components(
         unet=load_unet(folder / "unet"),
