@@ -1,4 +1,5 @@
-"""sdjax's networks: each model in one file, its config a frozen dataclass."""
+"""sdjax's networks: each model in one file, its config a frozen dataclass (the UNet's, the largest, in
+unet_config.py)."""
 
 from sdjax.models.autoencoder import Autoencoder, AutoencoderConfig, Decoder, Encoder, autoencoder_loss
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
