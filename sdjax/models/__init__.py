@@ -2,7 +2,7 @@
 unet_config.py)."""
 
 from sdjax.models.autoencoder import Autoencoder, AutoencoderConfig, Decoder, Encoder, autoencoder_loss
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, vae_loss
 
@@ -12,6 +12,7 @@ __all__ = [
     "AutoencoderKL",
     "CLIPTextConfig",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
     "Decoder",
     "DiagonalGaussian",
     "Encoder",
