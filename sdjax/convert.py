@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from sdjax.components import Components
 from sdjax.io import check_fit, flatten, path_str, read, save_tree, unflatten_like
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.schedulers import NoiseSchedule
@@ -251,15 +251,21 @@ def load_vae(folder: str | os.PathLike) -> AutoencoderKL:
     return model
 
 
+TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+
+
 def load_text_encoder(folder: str | os.PathLike) -> CLIPTextModel:
-    """A diffusers ``text_encoder/`` folder (a transformers ``CLIPTextModel``) as an sdjax CLIPTextModel."""
+    """A diffusers ``text_encoder/`` folder (a transformers ``CLIPTextModel``) as an sdjax CLIPTextModel, or
+    SDXL's ``text_encoder_2/`` (a ``CLIPTextModelWithProjection``) as an sdjax CLIPTextModelWithProjection."""
     folder = Path(folder)
     config = _read_json(folder / "config.json")
-    if "CLIPTextModel" not in config.get("architectures", ["CLIPTextModel"]):
+    architecture = config.get("architectures", ["CLIPTextModel"])[0]
+    if architecture not in TEXT_ENCODERS:
         raise ValueError(
-            f"{folder} holds a {config['architectures']}, not a CLIPTextModel; sdjax loads SD1.x/2.x text encoders"
+            f"{folder} holds a {config['architectures']}, not a CLIPTextModel; sdjax loads SD1.x/2.x text encoders "
+            "and SDXL's CLIPTextModelWithProjection"
         )
-    model = abstract(CLIPTextModel, CLIPTextConfig.from_dict(config))
+    model = abstract(TEXT_ENCODERS[architecture], CLIPTextConfig.from_dict(config))
     weights = {k.removeprefix("text_model."): v for k, v in _component_state_dict(folder).items()}
     load_state_dict(model, weights, source=str(folder))
     return model

@@ -1,7 +1,8 @@
-"""sdjax's networks: each model in one file, its config a frozen dataclass."""
+"""sdjax's networks: each model in one file, its config a frozen dataclass (the UNet's, the largest, in
+unet_config.py)."""
 
 from sdjax.models.autoencoder import Autoencoder, AutoencoderConfig, Decoder, Encoder, autoencoder_loss
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, vae_loss
 
@@ -11,6 +12,7 @@ __all__ = [
     "AutoencoderKL",
     "CLIPTextConfig",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
     "Decoder",
     "DiagonalGaussian",
     "Encoder",

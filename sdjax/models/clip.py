@@ -22,6 +22,14 @@ does attend to). The <|endoftext|> position is the first that has seen the whole
 summarises the text there: that is ``pooled``, the input of CLIP's text projection (SD1/SD2 do not
 use it; SDXL conditions on its projection).
 
+SDXL has two text encoders: SD1's (OpenAI ViT-L/14, :meth:`CLIPTextConfig.sd1`) and OpenCLIP ViT-bigG/14
+with its projection (:class:`CLIPTextModelWithProjection`, :meth:`CLIPTextConfig.sdxl_bigg`). It conditions
+its UNet on both encoders' *penultimate* hidden states, not layer-normed, concatenated on the feature axis
+(768 + 1280 = 2048 per token), and on bigG's projected pooled vector, ``text_embeds`` (B, 1280):
+
+    context     = [ h¹¹(ViT-L),  h³¹(bigG) ]                = [ encode(ids, clip_skip=1, final_norm=False) ] × 2
+    text_embeds = final_layer_norm(h³²(bigG))[eos] W_proj   = bigG(ids).text_embeds
+
 Modules and attribute names are transformers' (``embeddings.token_embedding``,
 ``encoder.layers[i].self_attn.q_proj``, ``encoder.layers[i].mlp.fc1``, ``final_layer_norm`` ...), so
 the ``text_model.*`` tensors of an SD ``text_encoder`` checkpoint map onto them name for name.
@@ -75,9 +83,11 @@ class CLIPTextConfig:
     max_position_embeddings: rows of the learned position table, so the longest input (77).
     hidden_act: the MLP nonlinearity, "quick_gelu" (OpenAI CLIP, SD1) or "gelu" (OpenCLIP, SD2).
     layer_norm_eps: ε of every LayerNorm.
-    eos_token_id: decides where ``pooled`` is read (see :func:`eos_positions`). SD1/SD2 configs
+    eos_token_id: decides where ``pooled`` is read (see :func:`eos_positions`). SD1/SD2/SDXL configs
         store 2, which selects transformers' legacy rule (pool at the highest id); any other value
         pools at the first occurrence of that id.
+    projection_dim: output width of ``text_projection``, which only :class:`CLIPTextModelWithProjection`
+        has (SDXL's bigG: 1280); SD1/SD2 configs record one their CLIPTextModel does not use.
     bos_token_id, pad_token_id: the tokenizer's; recorded so a config round-trips, unused by the model.
     """
 
@@ -92,6 +102,7 @@ class CLIPTextConfig:
     bos_token_id: int = 0
     eos_token_id: int = LEGACY_EOS_TOKEN_ID
     pad_token_id: int = 1
+    projection_dim: int = 768
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -116,15 +127,34 @@ class CLIPTextConfig:
         conversion keeps only 23 and the final LayerNorm (its ``last_hidden_state`` is then SD2's context).
         """
         return cls(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            projection_dim=512,
+        )
+
+    @classmethod
+    def sdxl_bigg(cls) -> CLIPTextConfig:
+        """SDXL's second text encoder, ``text_encoder_2``: OpenCLIP ViT-bigG/14's text tower, D = 1280, all 32
+        layers, exact GELU, a 1280 → 1280 projection (a :class:`CLIPTextModelWithProjection`, 694,659,840
+        parameters). SDXL's first encoder is SD1's, :meth:`sd1`."""
+        return cls(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            hidden_act="gelu",
+            projection_dim=1280,
         )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
         """Build from a transformers ``config.json`` dict (an SD checkpoint's ``text_encoder/config.json``).
 
-        Keys that do not change the forward pass (architectures, torch_dtype, projection_dim,
-        initializer_*, dropout rates ...) are ignored; a missing key takes the SD1 default above, not
+        Keys that do not change the forward pass (architectures, torch_dtype, initializer_*, dropout
+        rates ...) are ignored; a missing key takes the SD1 default above, not
         transformers' default (a saved config.json lists every field, so this only matters for
         hand-written dicts). A full ``CLIPConfig`` dict (model_type "clip") is refused: pass its
         ``text_config``.
@@ -146,11 +176,14 @@ class CLIPTextOutput(NamedTuple):
     pooled: (B, D), ``last_hidden_state`` at each sequence's end-of-text token (transformers: ``pooler_output``).
     hidden_states: with ``output_hidden_states=True``, L + 1 arrays of (B, T, D): the embedding output,
         then every layer's output, none of them through ``final_layer_norm``; otherwise None.
+    text_embeds: (B, projection_dim), ``text_projection(pooled)``, from a :class:`CLIPTextModelWithProjection`
+        (transformers' ``text_embeds``; SDXL's pooled conditioning); None from a :class:`CLIPTextModel`.
     """
 
     last_hidden_state: Array
     pooled: Array
     hidden_states: tuple[Array, ...] | None
+    text_embeds: Array | None = None
 
 
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -311,18 +344,46 @@ class CLIPTextModel(nnx.Module):
         pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, self.config.eos_token_id)]
         return CLIPTextOutput(last, pooled, tuple(states) if output_hidden_states else None)
 
-    def encode(self, input_ids: Array, attention_mask: Array | None = None, *, clip_skip: int = 0) -> Array:
+    def encode(
+        self, input_ids: Array, attention_mask: Array | None = None, *, clip_skip: int = 0, final_norm: bool = True
+    ) -> Array:
         """The prompt encoding an SD pipeline conditions its UNet on: (B, T) ids → (B, T, D).
 
-            context = final_layer_norm(hidden_states[−(clip_skip + 1)])
+            context = final_layer_norm(hidden_states[−(clip_skip + 1)])      (final_norm=True, SD1/SD2)
+            context = hidden_states[−(clip_skip + 1)]                        (final_norm=False, SDXL)
 
         clip_skip = 0 is ``last_hidden_state``; clip_skip = 1 skips the last layer and normalises
         the penultimate one's output, and so on up to L (the embeddings alone). This is diffusers'
         ``encode_prompt(clip_skip=...)`` (its None is 0 here); other UIs count from 1 ("clip skip 2"
         there is clip_skip = 1 here). Only the layers needed are run.
+
+        SDXL reads the penultimate layer's output as it is, with no final LayerNorm: its context is
+        clip_skip=1, final_norm=False, and diffusers' SDXL ``clip_skip=k`` is clip_skip = k + 1 here.
         """
         n_layers = self.config.num_hidden_layers
         if not 0 <= clip_skip <= n_layers:
             raise ValueError(f"clip_skip={clip_skip} must be in [0, {n_layers}] (the model has {n_layers} layers)")
         states = self._hidden_states(input_ids, attention_mask, n_layers - clip_skip)
-        return self.final_layer_norm(states[-1])
+        return self.final_layer_norm(states[-1]) if final_norm else states[-1]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIP's text transformer with its projection into the joint text–image space, transformers'
+    ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``):
+
+        text_embeds = pooled W_proj        W_proj (D, projection_dim), no bias
+
+    Its output's ``text_embeds`` is that (B, projection_dim) vector; the rest is :class:`CLIPTextModel`'s. The
+    weights are transformers' ``text_model.*`` as in CLIPTextModel, plus ``text_projection.weight``.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.text_projection = nnx.Linear(cfg.hidden_size, cfg.projection_dim, use_bias=False, rngs=rngs)
+
+    def __call__(
+        self, input_ids: Array, attention_mask: Array | None = None, *, output_hidden_states: bool = False
+    ) -> CLIPTextOutput:
+        """input_ids (B, T) ints, attention_mask (B, T) or None → :class:`CLIPTextOutput` with ``text_embeds``."""
+        out = super().__call__(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        return out._replace(text_embeds=self.text_projection(out.pooled))

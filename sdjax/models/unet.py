@@ -26,18 +26,24 @@ cross-attention lets every pixel read the prompt's CLIP encoding (Rombach et al.
 
 The same classes build both; a config with ``cross_attention_dim`` set and "CrossAttn…" block types
 (``UNetConfig.sd15()``, ``UNetConfig.sd2()``) is SD's UNet, and ``UNetConfig.from_diffusers`` reads
-either model's diffusers ``config.json``.
+either model's diffusers ``config.json`` (:mod:`sdjax.models.unet_config`).
+
+SDXL's UNet (``UNetConfig.sdxl()``) is the same skeleton again, with more transformer layers at the
+lower levels, none at the highest, and one more input added to the time embedding: the pooled text
+embedding and the image's size and crop numbers (``added_cond``, see :meth:`UNet2D.added_embedding`):
+
+    t_emb = time_embedding(sinusoidal(t)) + add_embedding([text_embeds, sinusoidal(time_ids)])
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sdjax.models.unet_config import UNetConfig
 from sdjax.nn import (
     Downsample,
     MidBlock,
@@ -52,263 +58,13 @@ from sdjax.nn import (
 
 Array = jax.Array
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D")
-MID_BLOCK_TYPES = ("UNetMidBlock2D", "UNetMidBlock2DCrossAttn")
-
-# diffusers config options sdjax does not implement, and the values (the defaults) they must have.
-_MUST_BE = {
-    "only_cross_attention": (False,),
-    "dual_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
-    "mid_block_scale_factor": (1,),
-    "act_fn": ("silu",),
-    "resnet_time_scale_shift": ("default",),
-    "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1,),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-    "class_embeddings_concat": (False,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,),
-    "attention_type": ("default",),
-    "cross_attention_norm": (None,),
-    "reverse_transformer_layers_per_block": (None,),
-    "downsample_type": ("conv",),
-    "upsample_type": ("conv",),
-    "attn_norm_num_groups": (None,),
-}
-# diffusers config keys with no effect on inference.
-_INFERENCE_IRRELEVANT = {"dropout", "num_train_timesteps", "addition_embed_type_num_heads"}
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-    """Shape of a :class:`UNet2D`; the field names and defaults are diffusers' ``UNet2DModel`` config.
-
-    sample_size: the H = W the model is trained at (informative; any size divisible by 2^(L−1) works).
-    block_out_channels: channels at each resolution level, highest resolution first; L = its length.
-    layers_per_block: ResnetBlocks per down level (each up level has one more, to consume the extra
-        skip connection the downsampler pushed).
-    down_block_types / up_block_types: per level, "DownBlock2D"/"UpBlock2D" (ResnetBlocks only) or
-        "AttnDownBlock2D"/"AttnUpBlock2D" (a SelfAttention after every ResnetBlock). Up blocks are
-        listed lowest resolution first, as in diffusers.
-    attention_head_dim: d per attention head, so heads = channels // d; None means one head spanning
-        all channels. (Careful when porting SD configs: diffusers' ``UNet2DConditionModel`` reuses
-        this name for the number of heads; :meth:`from_diffusers` translates.)
-    num_attention_heads: heads per level (one int for all, or one per level), overriding
-        attention_head_dim: SD1.x has 8 heads everywhere, SD2.x 5/10/20/20 (64 channels per head).
-    norm_num_groups, norm_eps: GroupNorm groups and ε of every ResnetBlock, SelfAttention and the
-        output norm.
-    flip_sin_to_cos, freq_shift: the sinusoidal timestep features (see :func:`sdjax.nn.sinusoidal_embedding`).
-    downsample_padding: 1 pads the stride-2 convolutions on all sides (diffusers' default); 0 pads
-        only bottom/right, as the original DDPM checkpoints (google/ddpm-*) do.
-
-    Text conditioning (SD's ``UNet2DConditionModel``):
-    cross_attention_dim: D_c, the width of the text encoding; None for an unconditional UNet.
-        "CrossAttnDownBlock2D"/"CrossAttnUpBlock2D" levels and the "UNetMidBlock2DCrossAttn" mid
-        block put a :class:`Transformer2D` after each ResnetBlock.
-    transformer_layers_per_block: BasicTransformerBlocks in each Transformer2D (SD: 1).
-    use_linear_projection: Transformer2D's proj_in/proj_out are Linear layers (SD2.x), not 1×1 convs (SD1.x).
-    upcast_attention: attention in float32 under a bf16/fp16 network (SD2.1 needs it).
-
-    The remaining fields exist so a diffusers config reads across unchanged; only the values listed
-    are implemented, others raise ValueError: center_input_sample=False, time_embedding_type=
-    "positional", add_attention=True (the mid block always has its attention).
-    """
-
-    sample_size: int = 32
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (64, 128, 256, 256)
-    layers_per_block: int = 2
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
-    up_block_types: tuple[str, ...] = ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
-    attention_head_dim: int | None = 8
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True
-    freq_shift: float = 0.0
-    downsample_padding: int = 1
-    center_input_sample: bool = False
-    time_embedding_type: str = "positional"
-    add_attention: bool = True
-    num_attention_heads: int | tuple[int, ...] | None = None
-    mid_block_type: str = "UNetMidBlock2D"
-    cross_attention_dim: int | None = None
-    transformer_layers_per_block: int = 1
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-
-    @classmethod
-    def sd15(cls) -> UNetConfig:
-        """Stable Diffusion 1.x's UNet: 64×64×4 latents, CLIP ViT-L/14 context (768), 8 heads; 860 M parameters."""
-        return cls(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            mid_block_type="UNetMidBlock2DCrossAttn",
-            attention_head_dim=None,
-            num_attention_heads=8,
-            cross_attention_dim=768,
-        )
-
-    @classmethod
-    def sd2(cls) -> UNetConfig:
-        """Stable Diffusion 2.x (768-v): OpenCLIP ViT-H context (1024), 64 channels per head, linear
-        projections in the transformers; 865 M parameters. (SD2.1 also sets upcast_attention.)"""
-        return dataclasses.replace(
-            cls.sd15(),
-            sample_size=96,
-            num_attention_heads=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            use_linear_projection=True,
-        )
-
-    @classmethod
-    def from_diffusers(cls, config: dict) -> UNetConfig:
-        """The config of a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (its ``config.json``).
-
-        Options sdjax does not implement must have their default values; anything else is a
-        ValueError naming them, rather than a network that silently computes something else.
-        """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        conditional = config.get("_class_name") == "UNet2DConditionModel" or "cross_attention_dim" in config
-        kwargs, unsupported, unknown = {}, [], []
-        for key, value in config.items():
-            if key.startswith("_") or key in _INFERENCE_IRRELEVANT:
-                continue
-            if key in _MUST_BE:
-                if value not in _MUST_BE[key]:
-                    unsupported.append(f"{key}={value!r}")
-            elif key in fields:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
-            else:
-                unknown.append(key)
-        if unsupported or unknown:
-            raise ValueError(
-                "this diffusers UNet config uses options sdjax's UNet2D does not implement: "
-                + ", ".join(unsupported + [f"{k} (unknown key)" for k in unknown])
-            )
-        if conditional:
-            # UNet2DConditionModel's legacy naming: "attention_head_dim" there is the number of heads.
-            heads = kwargs.pop("num_attention_heads", None) or kwargs.pop("attention_head_dim", 8)
-            kwargs |= {"num_attention_heads": heads, "attention_head_dim": None}
-            kwargs.setdefault("cross_attention_dim", 1280)  # diffusers' default
-            kwargs.setdefault("mid_block_type", "UNetMidBlock2DCrossAttn")
-        if kwargs.get("mid_block_type") is None:
-            kwargs.pop("mid_block_type", None)
-        return cls(**kwargs)
-
-    def to_diffusers(self) -> dict:
-        """This config as a diffusers ``config.json`` (``UNet2DConditionModel`` when text-conditioned)."""
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        if self.cross_attention_dim is None:
-            for k in ("num_attention_heads", "cross_attention_dim", "transformer_layers_per_block"):
-                out.pop(k)
-            for k in ("use_linear_projection", "upcast_attention"):
-                out.pop(k)
-            return {"_class_name": "UNet2DModel", **out}
-        # UNet2DConditionModel's legacy naming: heads go in "attention_head_dim".
-        out["attention_head_dim"] = out.pop("num_attention_heads")
-        for k in ("time_embedding_type", "add_attention"):
-            out.pop(k)
-        return {"_class_name": "UNet2DConditionModel", **out}
-
-    def __post_init__(self):
-        levels = len(self.block_out_channels)
-        if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
-            raise ValueError(
-                f"block_out_channels, down_block_types and up_block_types need one entry per level; got "
-                f"{levels}, {len(self.down_block_types)} and {len(self.up_block_types)}"
-            )
-        for kind, types, allowed in (
-            ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-            ("up_block_types", self.up_block_types, UP_BLOCK_TYPES),
-            ("mid_block_type", (self.mid_block_type,), MID_BLOCK_TYPES),
-        ):
-            bad = [t for t in types if t not in allowed]
-            if bad:
-                raise ValueError(f"{kind}: {bad} not supported; use {allowed}")
-        cross = [t for t in (*self.down_block_types, *self.up_block_types, self.mid_block_type) if "CrossAttn" in t]
-        if cross and self.cross_attention_dim is None:
-            raise ValueError(
-                f"{sorted(set(cross))} attend to text: set cross_attention_dim (768 for SD1.x, 1024 for SD2.x)"
-            )
-        if self.cross_attention_dim is not None and not cross:
-            raise ValueError("cross_attention_dim is set but no block cross-attends; use CrossAttn… block types")
-        heads = self.num_attention_heads
-        if isinstance(heads, tuple) and len(heads) != levels:
-            raise ValueError(f"num_attention_heads needs one entry per level ({levels}); got {heads}")
-        if not isinstance(self.transformer_layers_per_block, int):
-            raise ValueError("transformer_layers_per_block: only one int for all levels is implemented")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(
-                f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels entry; "
-                f"{bad} are not multiples of it"
-            )
-        last = levels - 1
-        attended = {last}  # the mid block
-        attended |= {i for i, t in enumerate(self.down_block_types) if "Attn" in t}
-        attended |= {last - i for i, t in enumerate(self.up_block_types) if "Attn" in t}
-        channels = sorted({self.block_out_channels[i] for i in attended})
-        d = self.attention_head_dim
-        if heads is None and d is not None and any(c % d for c in channels):
-            raise ValueError(
-                f"attention_head_dim={d} must divide the channels of every level with attention: {channels}"
-            )
-        if heads is not None and any(self.block_out_channels[i] % self.heads(i) for i in attended):
-            raise ValueError(f"num_attention_heads={heads} must divide the channels of every level with attention")
-        unsupported = {
-            "downsample_padding": (self.downsample_padding, (0, 1)),
-            "center_input_sample": (self.center_input_sample, (False,)),
-            "time_embedding_type": (self.time_embedding_type, ("positional",)),
-            "add_attention": (self.add_attention, (True,)),
-        }
-        for name, (value, allowed) in unsupported.items():
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not implemented in sdjax's UNet2D; supported: {allowed}")
-
-    @property
-    def time_embed_dim(self) -> int:
-        """D_t, the width of the time embedding every ResnetBlock receives: 4 × block_out_channels[0]."""
-        return 4 * self.block_out_channels[0]
-
-    def heads(self, level: int) -> int:
-        """Attention heads at level ``level`` (0 = highest resolution; −1 = the mid block)."""
-        heads, channels = self.num_attention_heads, self.block_out_channels[level]
-        if heads is not None:
-            return heads[level] if isinstance(heads, tuple) else heads
-        if self.attention_head_dim is None:
-            return 1
-        return max(channels // self.attention_head_dim, 1)
-
-    @property
-    def downsample_factor(self) -> int:
-        """2^(L−1), from the input to the lowest level (a size that is not a multiple of it is resized on the
-        way up: :class:`UNet2D`)."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
 
 class TimestepEmbedding(nnx.Module):
     """The time MLP: t_emb = W_2 · SiLU(W_1 · sinusoidal(t) + b_1) + b_2.   (B, D_in) → (B, D_t).
 
     The sinusoidal features are fixed; this learned map turns them into whatever per-step signal the
-    ResnetBlocks find useful.
+    ResnetBlocks find useful. SDXL's ``add_embedding`` is a second one, whose input is the pooled text
+    embedding and the size/crop features.
     """
 
     def __init__(self, in_dim: int, time_embed_dim: int, *, rngs: nnx.Rngs):
@@ -432,6 +188,9 @@ class UNet2D(nnx.Module):
     text-conditioned config → (B, H, W, out_channels), for any H and W: a level of odd size halves to
     ⌈H/2⌉, and the up path resizes to each skip connection's size (diffusers' ``upsample_size``), so
     SD's 8× latents of any multiple-of-8 image work (600×800 → 75×100).
+
+    With ``addition_embed_type="text_time"`` (SDXL) the call also takes ``added_cond``, diffusers'
+    ``added_cond_kwargs``: {"text_embeds": (B, D_pool), "time_ids": (B, n)} (:meth:`added_embedding`).
     """
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
@@ -439,6 +198,8 @@ class UNet2D(nnx.Module):
         ch, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
         d_t, last = cfg.time_embed_dim, len(ch) - 1
         self.time_embedding = TimestepEmbedding(ch[0], d_t, rngs=rngs)
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, d_t, rngs=rngs)
         self.conv_in = conv(cfg.in_channels, ch[0], 3, rngs)
 
         def attention(kind: str, level: int) -> Callable[[int], nnx.Module] | None:
@@ -451,7 +212,7 @@ class UNet2D(nnx.Module):
                     c,
                     heads=heads,
                     context_dim=cfg.cross_attention_dim,
-                    layers=cfg.transformer_layers_per_block,
+                    layers=cfg.transformer_layers(level),
                     groups=g,
                     linear_projection=cfg.use_linear_projection,
                     upcast=cfg.upcast_attention,
@@ -519,7 +280,48 @@ class UNet2D(nnx.Module):
             t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
         )
 
-    def __call__(self, x: Array, t: Array | float, context: Array | None = None) -> Array:
+    def added_embedding(self, text_embeds: Array, time_ids: Array, dtype=jnp.float32) -> Array:
+        """SDXL's added conditioning, diffusers' "text_time" ``add_embedding``: (B, D_pool), (B, n) → (B, D_t).
+
+            features = sinusoidal(time_ids flattened, addition_time_embed_dim) reshaped (B, n · addition_time_embed_dim)
+            aug_emb = add_embedding([text_embeds, features])      (concatenated in this order)
+
+        text_embeds: the second text encoder's projected pooled output (SDXL: (B, 1280)); time_ids: per
+        image, n numbers in pixels (SDXL: original_size + crop top-left + target_size, n = 6), each
+        given the same kind of sinusoidal features as t. The MLP runs in ``dtype`` (the network's: diffusers
+        casts its input to the time embedding's dtype).
+        """
+        cfg = self.config
+        b, width = text_embeds.shape[0], cfg.projection_class_embeddings_input_dim
+        if text_embeds.ndim != 2 or time_ids.ndim != 2 or time_ids.shape[0] != b:
+            raise ValueError(
+                f"added_cond: text_embeds must be (B, D_pool) and time_ids (B, n); got {tuple(text_embeds.shape)} "
+                f"and {tuple(time_ids.shape)}"
+            )
+        if text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim != width:
+            raise ValueError(
+                f"added_cond: D_pool + n · {cfg.addition_time_embed_dim} must be projection_class_embeddings_input_dim"
+                f" = {width}; got D_pool = {text_embeds.shape[1]}, n = {time_ids.shape[1]}"
+            )
+        features = sinusoidal_embedding(
+            time_ids.reshape(-1),
+            cfg.addition_time_embed_dim,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        ).reshape(b, -1)
+        return self.add_embedding(
+            jnp.concatenate([text_embeds.astype(features.dtype), features], axis=-1).astype(dtype)
+        )
+
+    def __call__(
+        self,
+        x: Array,
+        t: Array | float,
+        context: Array | None = None,
+        added_cond: Mapping[str, Array] | None = None,
+    ) -> Array:
+        """x (B, H, W, in_channels), t (B,) or scalar, context (B, S, D_c) or None, added_cond (SDXL:
+        {"text_embeds": (B, D_pool), "time_ids": (B, n)}) or None → ε̂ (B, H, W, out_channels)."""
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNet2D: x must be (B, H, W, {cfg.in_channels}), got {tuple(x.shape)}")
@@ -532,8 +334,21 @@ class UNet2D(nnx.Module):
                     f"this UNet2D is text-conditioned: pass context of shape (B, S, {cfg.cross_attention_dim}) "
                     f"(the text encoder's hidden states); got {got}"
                 )
+        text_time = cfg.addition_embed_type == "text_time"
+        if text_time and (added_cond is None or set(added_cond) != {"text_embeds", "time_ids"}):
+            got = None if added_cond is None else sorted(added_cond)
+            raise ValueError(
+                'this UNet2D has addition_embed_type="text_time" (SDXL): pass added_cond={"text_embeds": (B, D_pool), '
+                f'"time_ids": (B, n)}}; got {got}'
+            )
+        if not text_time and added_cond is not None:
+            raise ValueError(
+                "this UNet2D has no added conditioning (addition_embed_type=None): call it without added_cond"
+            )
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         temb = self.time_embedding(self.time_proj(t).astype(x.dtype))  # a bf16 network stays bf16
+        if text_time:
+            temb = temb + self.added_embedding(added_cond["text_embeds"], added_cond["time_ids"], x.dtype)
 
         h = self.conv_in(x)
         skips = [h]

@@ -72,9 +72,7 @@ class VAEConfig(AutoencoderConfig):
         if config.get("use_quant_conv", True) != config.get("use_post_quant_conv", True):
             bad.append("use_quant_conv ≠ use_post_quant_conv")
         fields = {f.name for f in dataclasses.fields(cls)} - {"mid_block_attention"}
-        known = (
-            set(must_be) | fields | {"sample_size", "use_post_quant_conv", "mid_block_add_attention"}
-        )
+        known = set(must_be) | fields | {"sample_size", "use_post_quant_conv", "mid_block_add_attention"}
         bad += [f"{k} (unknown key)" for k in config if not k.startswith("_") and k not in known]
         if bad:
             raise ValueError(
