@@ -286,11 +286,14 @@ UNSUPPORTED_PIPELINES = {
     "level; sdjax does not implement it",
     "StableDiffusionLatentUpscalePipeline": "the latent x2 upscaler (a different UNet and conditioning); sdjax "
     "does not implement it",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL's refiner (one text encoder, bigG, and an aesthetic-score "
+    "conditioning); sdjax runs SDXL base",
 }
 
 
 def load_diffusers(folder: str | os.PathLike) -> Components:
-    """A diffusers Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``)."""
+    """A diffusers Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; SDXL base adds
+    ``text_encoder_2/ tokenizer_2/``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}. Pass a diffusers model folder (one with model_index.json)")
@@ -304,12 +307,10 @@ def load_diffusers(folder: str | os.PathLike) -> Components:
             f"{folder} is not a complete diffusers Stable Diffusion folder: missing {missing} "
             f"(found {sorted(p.name for p in folder.iterdir())}). Download or copy the whole folder."
         )
-    pipeline = (
-        _read_json(folder / "model_index.json").get("_class_name") if (folder / "model_index.json").is_file() else None
-    )
-    if pipeline in UNSUPPORTED_PIPELINES:
-        raise ValueError(f"{folder} is a {pipeline} model: {UNSUPPORTED_PIPELINES[pipeline]}")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    sdxl = (folder / "text_encoder_2").is_dir()
+    if sdxl and not (folder / "tokenizer_2").is_dir():
+        raise FileNotFoundError(f"{folder} has text_encoder_2/ but no tokenizer_2/: copy the whole SDXL folder")
     return Components(
         unet=load_unet(folder / "unet"),
         vae=load_vae(folder / "vae"),
@@ -317,6 +318,9 @@ def load_diffusers(folder: str | os.PathLike) -> Components:
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         schedule=NoiseSchedule.from_diffusers_config(scheduler),
         scheduler_config=scheduler,
+        text_encoder_2=load_text_encoder(folder / "text_encoder_2") if sdxl else None,
+        tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=sdxl and bool(_read_json(index).get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -439,4 +443,8 @@ def save(sd: Components, path: str | os.PathLike, layout: str | None = None) -> 
     writers = {"sdjax": save_sdjax, "diffusers": save_diffusers, "compvis": compvis.save_single_file}
     if layout not in writers:
         raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(writers)}")
+    if sd.version == "sdxl":
+        raise NotImplementedError(
+            "sdjax does not write SDXL models yet (it reads them): keep the diffusers folder or single file you have"
+        )
     return writers[layout](sd, path)

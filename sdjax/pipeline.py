@@ -93,6 +93,9 @@ class Options:
       "compel" (``word++``, ``(words)0.8``, ``.blend()``, ``.and()``); :mod:`sdjax.prompt_syntax`.
     truncate_prompts: cut prompts to CLIP's 75 tokens with a warning, as diffusers does, instead of
       encoding longer ones whole in 75-token chunks (:mod:`sdjax.prompts`).
+    original_size, crops_coords_top_left, target_size: SDXL's size conditioning, (height, width) pairs in
+      pixels, as diffusers takes them: the size the image "came from", the crop's top-left corner, the
+      size it is meant to be (default: the output's size, (0, 0), the output's size). SDXL only.
     """
 
     negative_prompt: str | list[str] | None = None
@@ -106,6 +109,9 @@ class Options:
     callback: Callable[[int, float, np.ndarray], None] | None = None
     prompt_syntax: str = "none"
     truncate_prompts: bool = False
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.prompt_syntax not in prompt_syntax.SYNTAXES:
@@ -127,26 +133,40 @@ class Options:
         return self.guidance_scale > 1.0
 
 
+class Conditioning(NamedTuple):
+    """SDXL's conditioning, in the pair layout of a context: the context (2N, T, 2048), the pooled text
+    embedding ``text_embeds`` (2N, 1280) and the size numbers ``time_ids`` (2N, 6): (original height, width,
+    crop top, left, target height, width) (:meth:`sdjax.models.unet.UNet2D.added_embedding`)."""
+
+    context: Array
+    text_embeds: Array
+    time_ids: Array
+
+
 class Inputs(NamedTuple):
     """What the chain over N images takes besides x, per image (padded and split over devices together).
 
     context: (2N, T, D) each image's pair (c_∅,n, c_n) under guidance, else (N, T, D); T = 77 per chunk.
+      For SDXL a :class:`Conditioning` of such arrays.
     keys: (N, 2) each image's step-noise key. extra: (N, h, w, C) the channels an inpainting UNet takes
     after x's (the mask and the masked image's latents, C = 5), or None. blend: latent blending, or None.
     """
 
-    context: Array
+    context: Array | Conditioning
     keys: Array
     extra: Array | None = None
     blend: chain_lib.Blend | None = None
 
 
-def _unet_model(unet, context: Array, dtype, guidance_scale) -> chain_lib.Model:
+def _unet_model(unet, context: Array | Conditioning, dtype, guidance_scale) -> chain_lib.Model:
     """The UNet as the chain calls a model (:mod:`sdjax.chain`), guided when ``guidance_scale`` is given."""
 
     def model(x: Array, t: Array, extra) -> Array:
         if extra is not None:
             x = jnp.concatenate([x, extra], axis=-1)
+        if isinstance(context, Conditioning):
+            added = {"text_embeds": context.text_embeds, "time_ids": context.time_ids}
+            return unet(x.astype(dtype), t, context.context, added_cond=added)
         return unet(x.astype(dtype), t, context)
 
     return model if guidance_scale is None else chain_lib.guided(model, guidance_scale)
@@ -227,6 +247,7 @@ class StableDiffusion(Adapters):
         self.components = components
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.tokenizer, self.schedule, self.dtype = components.tokenizer, components.schedule, components.dtype
+        self.text_encoder_2, self.tokenizer_2 = components.text_encoder_2, components.tokenizer_2  # SDXL's, else None
         self.vae_scale_factor = latents.vae_scale_factor(self.vae)
         # image sizes must be multiples of 8 (diffusers' rule) and of the VAE's factor f, so that the
         # latents are whole; the UNet takes latents of any size (its up path resizes to each skip)
@@ -271,11 +292,9 @@ class StableDiffusion(Adapters):
     def encode_prompt(self, texts: list[str], *, prompt_syntax: str = "none", truncate_prompts: bool = False) -> Array:
         """Prompts → contexts (B, 77·k, D) (:mod:`sdjax.prompts`; k = 1 up to 75 tokens), with the options'
         meanings of :class:`Options`."""
-        context, messages = prompts.encode(
-            self.tokenizer, self.text_encoder, texts, syntax=prompt_syntax, truncate=truncate_prompts
-        )
-        self._warn(messages)
-        return context
+        encoded = prompts.encode(self.components, texts, syntax=prompt_syntax, truncate=truncate_prompts)
+        self._warn(encoded.messages)
+        return encoded.context
 
     # ---------------------------------------------------------------------------------------------
     # Text to image
@@ -310,7 +329,7 @@ class StableDiffusion(Adapters):
         n = len(texts) * opts.num_images_per_prompt
 
         # 1. text → contexts, each prompt's repeated for its images: [c_∅; c] pairs under guidance
-        context = self._contexts(texts, negatives, opts)
+        context = self._contexts(texts, negatives, opts, (height, width))
 
         # 2. x_T, image i's from its own key; latents are NHWC inside sdjax
         shape = (n, height // f, width // f, self.unet.config.in_channels)
@@ -421,7 +440,7 @@ class StableDiffusion(Adapters):
             texts, negatives, len(pixels), None if masks is None else len(masks), opts.num_images_per_prompt
         )
         n, chain = pairs.n, self._chain(opts, start)
-        context = self._contexts(pairs.prompts, pairs.negatives, opts)
+        context = self._contexts(pairs.prompts, pairs.negatives, opts, (height, width))
 
         f, c = self.vae_scale_factor, self.vae.config.latent_channels
         shape, expected = (height // f, width // f, c), (n, c, height // f, width // f)
@@ -496,13 +515,25 @@ class StableDiffusion(Adapters):
         sampler = samplers.from_config(config, opts.scheduler, opts.num_inference_steps, opts.eta)
         return sampler.chain(samplers.schedule_for(sampler, config, self.schedule), start)
 
-    def _contexts(self, texts: list[str], negatives: list[str], opts: Options) -> Array:
-        context, messages = prompts.contexts(
-            self.tokenizer, self.text_encoder, texts, negatives, opts.num_images_per_prompt, opts.guided,
+    def _contexts(self, texts: list[str], negatives: list[str], opts: Options, size: tuple[int, int]):
+        """The contexts in the chain's pair layout (:class:`Inputs`): an array, or SDXL's :class:`Conditioning`
+        with the size numbers of an image of ``size`` (height, width)."""
+        sdxl = self.components.version == "sdxl"
+        sizes = (opts.original_size, opts.target_size, opts.crops_coords_top_left != (0, 0))
+        if not sdxl and any(sizes):
+            raise ValueError("original_size, crops_coords_top_left and target_size are SDXL's; this is an SD model")
+        zeros = sdxl and self.components.force_zeros_for_empty_prompt and opts.negative_prompt is None
+        encoded = prompts.contexts(
+            self.components, texts, None if zeros else negatives, opts.num_images_per_prompt, opts.guided,
             syntax=opts.prompt_syntax, truncate=opts.truncate_prompts,
         )  # fmt: skip
-        self._warn(messages)
-        return context
+        self._warn(encoded.messages)
+        if not sdxl:
+            return encoded.context
+        # (original size, crop corner, target size): diffusers' _get_add_time_ids, the same for c_∅ and c
+        time_ids = [*(opts.original_size or size), *opts.crops_coords_top_left, *(opts.target_size or size)]
+        time_ids = jnp.tile(jnp.asarray([time_ids], encoded.pooled.dtype), (len(encoded.pooled), 1))
+        return Conditioning(encoded.context, encoded.pooled, time_ids)
 
     def _replicated(self, module: nnx.Module) -> nnx.Module:
         """``module`` with its parameters on every device, put there in place on first use
@@ -517,9 +548,9 @@ class StableDiffusion(Adapters):
         rounded up to a multiple of the device count, sharded."""
         mesh = devices.local_mesh(self.devices)
         n, padded = len(x), devices.padded_size(len(x), mesh)
-        pairs = inputs.context.reshape(n, -1, *inputs.context.shape[1:])  # (kN, …) → (N, k, …): pad by image
+        pairs = jax.tree.map(lambda c: c.reshape(n, -1, *c.shape[1:]), inputs.context)  # (kN, …) → (N, k, …)
         x, inputs = devices.shard_batch(devices.pad_batch((x, inputs._replace(context=pairs)), padded), mesh)
-        inputs = inputs._replace(context=inputs.context.reshape(-1, *inputs.context.shape[2:]))
+        inputs = inputs._replace(context=jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), inputs.context))
         unet = nnx.split(self._replicated(self.unet))
         guidance_scale = jnp.float32(opts.guidance_scale) if opts.guided else None
         if opts.callback is not None:

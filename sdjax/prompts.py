@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import prompt_syntax
+from sdjax.components import Components
 from sdjax.models.clip import CLIPTextModel
 from sdjax.tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 
@@ -157,34 +158,50 @@ def _truncate(tokenizer: CLIPTokenizer, ids, weights, which) -> list[Chunk]:
 # ---------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode_ids(graphdef, state, ids: Array, mask: Array | None = None) -> Array:
+@functools.partial(jax.jit, static_argnames=("graphdef", "clip_skip", "final_norm"))
+def _encode_ids(graphdef, state, ids: Array, mask: Array | None, clip_skip: int, final_norm: bool) -> Array:
     """ids (K, 77) int32, mask None or (K, 77) of 0/1 → encodings (K, 77, D) in float32."""
-    return nnx.merge(graphdef, state)(ids, mask).last_hidden_state.astype(jnp.float32)
+    model = nnx.merge(graphdef, state)
+    return model.encode(ids, mask, clip_skip=clip_skip, final_norm=final_norm).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _text_embeds(graphdef, state, ids: Array) -> Array:
+    """ids (K, 77) → SDXL's pooled conditioning, bigG's projected end-of-text state (K, P), float32."""
+    return nnx.merge(graphdef, state)(ids).text_embeds.astype(jnp.float32)
 
 
 class _Encoder:
-    """Runs the text encoder over chunks, each (ids, mask) pair once; c_∅'s chunk is the empty prompt's."""
+    """Runs one text encoder over chunks, each (ids, mask) pair once; c_∅'s chunk is the empty prompt's.
+    ``clip_skip``, ``final_norm``: which hidden state is the context (:meth:`CLIPTextModel.encode`)."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel):
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, clip_skip=0, final_norm=True):
         self.tokenizer, self.split = tokenizer, nnx.split(text_encoder)
+        self.clip_skip, self.final_norm = clip_skip, final_norm
         self.dtype = jax.tree.leaves(self.split[1])[0].dtype
 
     def __call__(self, chunks: list[Chunk], masks: list[np.ndarray | None] | None = None) -> Array:
         """Chunks (and optional key masks) → their encodings side by side, (77·k, D)."""
-        masks = masks or [None] * len(chunks)
         ids = jnp.asarray([c.ids for c in chunks], jnp.int32)
-        if all(m is None for m in masks):
-            z = _encode_ids(*self.split, ids)
-        else:
+        if masks is not None:
             full = np.ones(CONTEXT_LENGTH, np.int32)
-            z = _encode_ids(*self.split, ids, jnp.asarray([full if m is None else m for m in masks]))
+            masks = jnp.asarray([full if m is None else m for m in masks])
+        z = _encode_ids(*self.split, ids, masks, self.clip_skip, self.final_norm)
         return z.reshape(-1, z.shape[-1])
 
     @functools.cached_property
     def empty(self) -> Array:
         """c_∅ of one chunk, (77, D): [bos, eos, pad…] (no weights)."""
         return self([_chunk(self.tokenizer, [], [], [])])
+
+
+def _encoders(sd: Components) -> list[_Encoder]:
+    """SD 1.x/2.x: CLIP's last layer, layer-normed. SDXL: ViT-L's and bigG's penultimate layers as they
+    are, side by side on the feature axis (768 + 1280 = 2048), as diffusers' SDXL pipeline reads them."""
+    if sd.text_encoder_2 is None:
+        return [_Encoder(sd.tokenizer, sd.text_encoder)]
+    pairs = ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2))
+    return [_Encoder(tokenizer, encoder, clip_skip=1, final_norm=False) for tokenizer, encoder in pairs]
 
 
 def _a1111(encoder: _Encoder, chunks: list[Chunk], weighted: bool) -> Array:
@@ -262,7 +279,7 @@ def _encode_one(encoder: _Encoder, text: str, syntax: str, truncate: bool, messa
     parts = []
     for part, weight in zip(conjunction.parts, conjunction.weights):
         if isinstance(part, prompt_syntax.Blend):
-            blended = padded(encoder, [fragments(p) for p in part.prompts])
+            blended = padded(encoder.empty, [fragments(p) for p in part.prompts])
             w = jnp.asarray(part.weights, jnp.float32) / (sum(part.weights) if part.normalize else 1.0)
             c = jnp.einsum("p,ptd->td", w, blended)
         else:
@@ -274,52 +291,79 @@ def _encode_one(encoder: _Encoder, text: str, syntax: str, truncate: bool, messa
     return jnp.concatenate(parts, axis=0)
 
 
-def padded(encoder: _Encoder, contexts: list[Array]) -> Array:
-    """Contexts of 77·kᵢ tokens → (B, 77·max k, D), each completed with chunks of c_∅."""
+def padded(empty: Array, contexts: list[Array]) -> Array:
+    """Contexts of 77·kᵢ tokens → (B, 77·max k, D), each completed with ``empty``, the empty prompt's chunk."""
     k = max(c.shape[0] for c in contexts) // CONTEXT_LENGTH
-    return jnp.stack(
-        [jnp.concatenate([c, *[encoder.empty] * (k - c.shape[0] // CONTEXT_LENGTH)], axis=0) for c in contexts]
-    )
+    return jnp.stack([jnp.concatenate([c, *[empty] * (k - c.shape[0] // CONTEXT_LENGTH)], axis=0) for c in contexts])
 
 
-def encode(
-    tokenizer: CLIPTokenizer,
-    text_encoder: CLIPTextModel,
-    prompts: list[str],
-    *,
-    syntax: str = "none",
-    truncate: bool = False,
-) -> tuple[Array, list[str]]:
-    """Prompts → contexts (B, 77·k, D) in the text encoder's dtype, and a warning for each prompt truncation cut.
+def _pooled(encoder: _Encoder, text: str, syntax: str, truncate: bool) -> Array:
+    """SDXL's text_embeds of one prompt, (P,): bigG's projected state at the end of the prompt's first chunk
+    (its 75 tokens, weights not applied, as the web UI and diffusers); compel pools the raw text, cut to 75."""
+    tokenizer = encoder.tokenizer
+    if syntax == "compel":
+        ids = tokenizer([text])
+    else:
+        fragments = prompt_syntax.parse(text, syntax).parts[0]
+        ids = [(_truncate if truncate else chunks_a1111)(tokenizer, *_tokens(tokenizer, fragments))[0].ids]
+    return _text_embeds(*encoder.split, jnp.asarray(ids, jnp.int32))[0]
+
+
+class Encoded(NamedTuple):
+    """Prompts encoded: ``context`` (B, 77·k, D) in the text encoders' dtype; ``pooled`` (B, P), SDXL's
+    text_embeds, None for SD 1.x/2.x; ``messages``: a warning for each prompt truncation cut."""
+
+    context: Array
+    pooled: Array | None
+    messages: list[str]
+
+
+def encode(sd: Components, prompts: list[str], *, syntax: str = "none", truncate: bool = False) -> Encoded:
+    """Prompts → :class:`Encoded`, with the text encoders of ``sd`` (one, or SDXL's two side by side).
 
     syntax: how the text is read (:mod:`sdjax.prompt_syntax`): "none" literally, "a1111" or "compel" weighting.
     truncate: keep each prompt's first 75 tokens (diffusers' behaviour, with a warning naming what is
       dropped) instead of encoding all of it in chunks. k is the largest number of chunks of any prompt;
       prompts of fewer are completed with the empty prompt's chunk (module notes above).
     """
-    encoder, messages = _Encoder(tokenizer, text_encoder), []
-    contexts = [_encode_one(encoder, text, syntax, truncate, messages) for text in prompts]
-    return padded(encoder, contexts).astype(encoder.dtype), messages
+    encoders, messages = _encoders(sd), []
+    contexts = [
+        jnp.concatenate(
+            [_encode_one(e, text, syntax, truncate, [] if k else messages) for k, e in enumerate(encoders)], -1
+        )
+        for text in prompts
+    ]
+    context = padded(jnp.concatenate([e.empty for e in encoders], axis=-1), contexts).astype(encoders[0].dtype)
+    if len(encoders) == 1:
+        return Encoded(context, None, messages)
+    pooled = jnp.stack([_pooled(encoders[1], text, syntax, truncate) for text in prompts])
+    return Encoded(context, pooled.astype(encoders[1].dtype), messages)
 
 
 def contexts(
-    tokenizer: CLIPTokenizer,
-    text_encoder: CLIPTextModel,
+    sd: Components,
     prompts: list[str],
-    negatives: list[str],
+    negatives: list[str] | None,
     copies: int,
     guided: bool,
     *,
     syntax: str = "none",
     truncate: bool = False,
-) -> tuple[Array, list[str]]:
-    """Each prompt's context repeated for its ``copies`` images: (N, T, D), or under guidance each
-    image's pair (c_∅,n, c_n) side by side, (2N, T, D), with T = 77·k the same for all (:func:`encode`);
-    and the truncation warnings."""
-    texts = prompts + (negatives if guided else [])
-    both, messages = encode(tokenizer, text_encoder, texts, syntax=syntax, truncate=truncate)
-    context = jnp.repeat(both[: len(prompts)], copies, axis=0)
-    if guided:
-        uncond = jnp.repeat(both[len(prompts) :], copies, axis=0)
-        context = jnp.stack([uncond, context], axis=1).reshape(-1, *context.shape[1:])
-    return context, messages
+) -> Encoded:
+    """Each prompt's context (and pooled vector) repeated for its ``copies`` images: (N, T, D), or under
+    guidance each image's pair (c_∅,n, c_n) side by side, (2N, T, D), with T = 77·k the same for all
+    (:func:`encode`). ``negatives`` None: c_∅ and its pooled vector are zeros (SDXL's
+    ``force_zeros_for_empty_prompt``)."""
+    texts = prompts + (negatives if guided and negatives is not None else [])
+    both = encode(sd, texts, syntax=syntax, truncate=truncate)
+
+    def layout(x: Array | None) -> Array | None:
+        if x is None:
+            return None
+        cond = jnp.repeat(x[: len(prompts)], copies, axis=0)
+        if not guided:
+            return cond
+        uncond = jnp.zeros_like(cond) if negatives is None else jnp.repeat(x[len(prompts) :], copies, axis=0)
+        return jnp.stack([uncond, cond], axis=1).reshape(-1, *cond.shape[1:])
+
+    return Encoded(layout(both.context), layout(both.pooled), both.messages)

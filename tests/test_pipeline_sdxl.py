@@ -1,0 +1,140 @@
+"""SDXL base against diffusers' ``StableDiffusionXLPipeline``, image for image.
+
+A tiny random SDXL-style pipeline with every structural feature of the real one: two text encoders (a CLIP
+ViT-L-style ``CLIPTextModel`` and a bigG-style ``CLIPTextModelWithProjection``, both GELU, the second's
+tokenizer padding with "!"), their penultimate hidden states side by side as the context (32 + 32 = 64), the
+projected pooled vector and the six size numbers as added conditioning (``text_time``), a UNet with no
+attention at its top level and two transformer layers at the next, Linear projections, SDXL's VAE scaling
+factor (0.13025) with ``force_upcast``, and SDXL's scheduler config (Euler, "leading" spacing). It is saved
+with ``save_pretrained`` and loaded by sdjax.
+
+Images must match to 1e-3 (images in [0, 1], float32, as the SD1 pipeline tests; measured ≤ 3e-6) for euler
+and dpmpp_2m at 32×32 and 48×64, with a negative prompt and without one (then c_∅ and its pooled vector are
+zeros: ``force_zeros_for_empty_prompt``); four of the eight cases run by default, all with ``-m slow``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import sdjax
+from sdjax.tokenizer import CLIPTokenizer
+from tests.helpers import reference_vae
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+CLASSES = {"euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+            hidden_act="gelu", projection_dim=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(diffusers pipeline, its folder, sdjax pipeline loaded from the folder)."""
+    folder = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    ).eval()
+    vae = reference_vae((8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=0.13025, force_upcast=True)
+    config = transformers.CLIPTextConfig(**TEXT)
+    for name, pad in (("tokenizer_src", "<|endoftext|>"), ("tokenizer_2_src", "!")):
+        CLIPTokenizer.from_bpe_file(pad_token=pad).save_folder(folder / name)
+    reference = diffusers.StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=transformers.CLIPTextModel(config).eval(),
+        text_encoder_2=transformers.CLIPTextModelWithProjection(config).eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_src"),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_2_src"),
+        unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+    )
+    reference.save_pretrained(folder / "model")
+    (folder / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder / "model")
+    reference.set_progress_bar_config(disable=True)
+    return reference, folder / "model", sdjax.StableDiffusion.from_pretrained(folder / "model")
+
+
+def draw(pipe, scheduler, size, negative, seed=0):
+    height, width = size
+    latents = np.random.default_rng(seed).standard_normal((1, 4, height // 8, width // 8)).astype(np.float32)
+    args = dict(negative_prompt=negative, num_inference_steps=4, height=height, width=width, output_type="np")
+    if isinstance(pipe, sdjax.StableDiffusion):
+        return pipe("a red fox in the snow", scheduler=scheduler, latents=latents, **args)
+    pipe.scheduler = getattr(diffusers, CLASSES[scheduler]).from_config(SDXL_SCHEDULER)
+    with torch.no_grad():
+        return pipe("a red fox in the snow", latents=torch.from_numpy(latents), **args).images
+
+
+CASES = [
+    ("euler", (32, 32), None),
+    ("euler", (48, 64), "blurry"),
+    ("dpmpp_2m", (32, 32), "blurry"),
+    ("dpmpp_2m", (48, 64), None),
+]
+SLOW_CASES = [("euler", (32, 32), "blurry"), ("euler", (48, 64), None), ("dpmpp_2m", (32, 32), None),
+              ("dpmpp_2m", (48, 64), "blurry")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "scheduler, size, negative", CASES + [pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES]
+)
+def test_images_match_diffusers(sdxl, scheduler, size, negative):
+    reference, _, pipe = sdxl
+    assert pipe.components.version == "sdxl" and pipe.components.force_zeros_for_empty_prompt
+    expected, got = draw(reference, scheduler, size, negative), draw(pipe, scheduler, size, negative)
+    error = float(np.abs(got - expected).max())
+    print(f"{scheduler} {size} negative={negative!r}: max abs error {error:.1e}")
+    assert error < 1e-3
+
+
+def test_size_conditioning_matches_diffusers(sdxl):
+    """original_size, crops_coords_top_left and target_size reach the UNet as diffusers passes them."""
+    reference, _, pipe = sdxl
+    latents = np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    sizes = dict(original_size=(64, 96), crops_coords_top_left=(8, 16), target_size=(32, 32))
+    args = dict(num_inference_steps=3, height=32, width=32, output_type="np")
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    with torch.no_grad():
+        expected = reference("a cat", latents=torch.from_numpy(latents), **sizes, **args).images
+    got = pipe("a cat", latents=latents, scheduler="euler", **sizes, **args)
+    assert np.abs(got - expected).max() < 1e-3
+    assert np.abs(got - pipe("a cat", latents=latents, scheduler="euler", **args)).max() > 1e-4  # they matter
+    with pytest.raises(ValueError, match="SDXL's; this is an SD model"):
+        sdjax.StableDiffusion(pipe.components.__class__(
+            unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+            schedule=pipe.schedule))("a cat", original_size=(64, 64))  # fmt: skip
