@@ -148,7 +148,7 @@ def sdjax_config(**changes) -> UNetConfig:
     return UNetConfig.from_diffusers({"_class_name": "UNet2DConditionModel", **SD1_UNET, **SDXL_UNET, **changes})
 
 
-# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, verbatim
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
 SDXL_BASE_CONFIG = {
     "_class_name": "UNet2DConditionModel",
     "_diffusers_version": "0.19.0.dev0",
@@ -202,20 +202,29 @@ SDXL_PARAMS = 2_567_463_684
 
 
 def test_sdxl_base_config():
-    """``UNetConfig.sdxl()`` is the released config.json read by ``from_diffusers``, survives a trip through
-    ``to_diffusers``, and builds SDXL's 2.57 B parameters, as diffusers does from the same config (both
-    built as shapes only: sdjax under nnx.eval_shape, diffusers on torch's meta device)."""
+    """``UNetConfig.sdxl()`` is the released config.json read by ``from_diffusers``, and survives a trip through
+    ``to_diffusers``."""
     config = UNetConfig.sdxl()
     assert UNetConfig.from_diffusers(SDXL_BASE_CONFIG) == config
     assert UNetConfig.from_diffusers(config.to_diffusers()) == config
+
+
+@pytest.mark.slow
+def test_sdxl_parameter_count():
+    """SDXL base builds its 2.57 B parameters, as diffusers does from the released config (both as shapes only:
+    sdjax under nnx.eval_shape, diffusers on torch's meta device). Slow: ~40 s of tracing on a CPU, almost all
+    of it flax's RNG counter asking each traced update for its sharding, which makes JAX walk the whole
+    program so far (the 860 M SD1.5 UNet takes ~5 s)."""
+    config = UNetConfig.sdxl()
     model = nnx.eval_shape(lambda: UNet2D(config, rngs=nnx.Rngs(0)))
     assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == SDXL_PARAMS
     assert [len(a.transformer_blocks) for a in model.up_blocks[0].attentions] == [10, 10, 10]
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):
-        ref = diffusers.UNet2DConditionModel.from_config(SDXL_BASE_CONFIG)
-    assert sum(p.numel() for p in ref.parameters()) == SDXL_PARAMS
+    for released in (True, False):  # the released config, and sdjax's export of its own (as save_diffusers writes it)
+        with torch.device("meta"):
+            ref = diffusers.UNet2DConditionModel.from_config(SDXL_BASE_CONFIG if released else config.to_diffusers())
+        assert sum(p.numel() for p in ref.parameters()) == SDXL_PARAMS
 
 
 @pytest.mark.parametrize(
@@ -233,26 +242,28 @@ def test_config_errors(change, match):
         sdjax_config(**change)
 
 
-def traced_shape(cfg, *args):
-    """The output shape of a UNet2D of ``cfg`` on ``args``, traced only: no parameters, no compilation."""
+def traced_shape(cfg):
+    """``shape(*args)``: the output shape of a UNet2D of ``cfg`` on ``args``, traced only (no parameters, no
+    compilation)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2D(cfg, rngs=nnx.Rngs(0))))
-    return jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *args).shape
+    return lambda *args: jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *args).shape
 
 
 def test_added_cond_errors():
     cfg = sdjax_config()
+    shape = traced_shape(cfg)
     x, t, context, added = inputs(0, (8, 8))
-    assert traced_shape(cfg, x, t, context, added) == x.shape
+    assert shape(x, t, context, added) == x.shape
     with pytest.raises(ValueError, match=r"pass added_cond=.*got None"):
-        traced_shape(cfg, x, t, context)
+        shape(x, t, context)
     with pytest.raises(ValueError, match=r"got \['text_embeds'\]"):
-        traced_shape(cfg, x, t, context, {"text_embeds": added["text_embeds"]})
+        shape(x, t, context, {"text_embeds": added["text_embeds"]})
     with pytest.raises(ValueError, match=r"must be projection_class_embeddings_input_dim = 72; got D_pool = 24, n = 5"):
-        traced_shape(cfg, x, t, context, {**added, "time_ids": added["time_ids"][:, :5]})
+        shape(x, t, context, {**added, "time_ids": added["time_ids"][:, :5]})
     with pytest.raises(ValueError, match=r"time_ids \(B, n\); got \(2, 24\) and \(1, 6\)"):
-        traced_shape(cfg, x, t, context, {**added, "time_ids": added["time_ids"][:1]})
+        shape(x, t, context, {**added, "time_ids": added["time_ids"][:1]})
     plain = dataclasses.replace(
         cfg, addition_embed_type=None, addition_time_embed_dim=None, projection_class_embeddings_input_dim=None
     )
     with pytest.raises(ValueError, match="no added conditioning"):
-        traced_shape(plain, x, t, context, added)
+        traced_shape(plain)(x, t, context, added)

@@ -27,8 +27,8 @@ with its projection (:class:`CLIPTextModelWithProjection`, :meth:`CLIPTextConfig
 its UNet on both encoders' *penultimate* hidden states, not layer-normed, concatenated on the feature axis
 (768 + 1280 = 2048 per token), and on bigG's projected pooled vector, ``text_embeds`` (B, 1280):
 
-    context     = [ h¹¹(ViT-L),  h³¹(bigG) ]                = [ encode(ids, clip_skip=1, final_norm=False) ] × 2
-    text_embeds = final_layer_norm(h³²(bigG))[eos] W_proj   = bigG(ids).text_embeds
+    context     = [ h¹¹(ViT-L),  h³¹(bigG) ]        each encoder's encode(ids, clip_skip=1, final_norm=False)
+    text_embeds = final_layer_norm(h³²(bigG))[eos] W_proj           bigG(ids).text_embeds
 
 Modules and attribute names are transformers' (``embeddings.token_embedding``,
 ``encoder.layers[i].self_attn.q_proj``, ``encoder.layers[i].mlp.fc1``, ``final_layer_norm`` ...), so
