@@ -7,6 +7,13 @@ One file holds all three networks under prefixes, with the original latent-diffu
     cond_stage_model.transformer.* SD1's text encoder (transformers names)
     cond_stage_model.model.*       SD2's text encoder (OpenCLIP names; q, k, v stored as one in_proj)
 
+SDXL's files (Stability's ``sgm`` code) keep the UNet and VAE names (the UNet adds ``label_emb``, the
+added-conditioning MLP) and hold two text encoders under ``conditioner.embedders``:
+
+    conditioner.embedders.0.transformer.*   CLIP ViT-L (transformers names, as SD1's)
+    conditioner.embedders.1.model.*         OpenCLIP bigG (OpenCLIP names, as SD2's, all 32 layers, and
+                                            ``text_projection`` stored as the (D, P) matrix x is multiplied by)
+
 Below, each network's names are derived from its config, as a map from module paths in diffusers'
 names to module paths in CompVis names; the leaves (weight, bias) are the same on both sides.
 """
@@ -23,7 +30,7 @@ from safetensors.numpy import save_file
 from sdjax.components import Components
 from sdjax.convert import abstract, load_state_dict, read_state_dict, state_dict, state_dict_names
 from sdjax.io import listing
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.schedulers import NoiseSchedule
@@ -31,6 +38,13 @@ from sdjax.tokenizer import CLIPTokenizer
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT_PREFIX, SD2_TEXT_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_TEXT_PREFIX, SDXL_TEXT_2_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler (single files do not record one)
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                  "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+                  "use_karras_sigmas": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "clip_sample": False, "sample_max_value": 1.0, "trained_betas": None}  # fmt: skip
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
@@ -57,6 +71,8 @@ def _unet_modules(cfg: UNetConfig) -> dict[str, tuple[str, dict]]:
                 m[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
         if i < n - 1:
             m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * (L + 1)}.0.op", {})
+    if cfg.addition_embed_type == "text_time":  # SDXL's added conditioning
+        m |= {"add_embedding.linear_1": ("label_emb.0.0", {}), "add_embedding.linear_2": ("label_emb.0.2", {})}
     m["mid_block.resnets.0"] = ("middle_block.0", _UNET_RESNET)
     m["mid_block.attentions.0"] = ("middle_block.1", {})
     m["mid_block.resnets.1"] = ("middle_block.2", _UNET_RESNET)
@@ -149,28 +165,41 @@ def to_compvis(sd: Components) -> dict[str, np.ndarray]:
         if ".mid.attn_1." in compvis and w.ndim == 2:
             w = w[:, :, None, None]  # CompVis stores the VAE attention's projections as 1×1 convolutions
         out[VAE_PREFIX + compvis] = w
-    text = state_dict(sd.text_encoder)
     if sd.version == "sd1":
-        out |= {f"{SD1_TEXT_PREFIX}text_model.{k}": w for k, w in text.items()}
+        out |= _hf_text(sd.text_encoder, SD1_TEXT_PREFIX)
+    elif sd.version == "sd2":
+        out |= _openclip_text(sd.text_encoder, SD2_TEXT_PREFIX)
     else:
-        for name, w in text.items():
-            if ".self_attn.q_proj." in name:  # OpenCLIP: in_proj = [W_q; W_k; W_v] stacked on the output axis
-                leaf = name.rsplit(".", 1)[1]
-                qkv = [text[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
-                layer = _openclip_name(name.split(".self_attn.")[0])
-                out[f"{SD2_TEXT_PREFIX}{layer}.attn.in_proj_{leaf}"] = np.concatenate(qkv, axis=0)
-            elif "_proj." not in name or "out_proj" in name:
-                out[SD2_TEXT_PREFIX + _openclip_name(name)] = w
+        out |= _hf_text(sd.text_encoder, SDXL_TEXT_PREFIX) | _openclip_text(sd.text_encoder_2, SDXL_TEXT_2_PREFIX)
     return out
 
 
-def _from_compvis(ckpt: dict[str, np.ndarray], unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg: CLIPTextConfig):
-    """Split a CompVis state dict into diffusers-named state dicts for the three networks.
+def _hf_text(model: CLIPTextModel, prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}text_model.{k}": w for k, w in state_dict(model).items()}
 
-    Returns (unet, vae, text, missing): ``missing`` lists the CompVis names the networks need and
-    the file lacks. Tensors the networks do not use (EMA copies, the SD2 text tower's last layer
-    and projection, CLIP's logit scale, training-time buffers such as ``alphas_cumprod`` ...) are
-    left out.
+
+def _openclip_text(model: CLIPTextModel, prefix: str) -> dict[str, np.ndarray]:
+    text, out = state_dict(model), {}
+    for name, w in text.items():
+        if ".self_attn.q_proj." in name:  # OpenCLIP: in_proj = [W_q; W_k; W_v] stacked on the output axis
+            leaf = name.rsplit(".", 1)[1]
+            qkv = [text[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            out[f"{prefix}{_openclip_name(name.split('.self_attn.')[0])}.attn.in_proj_{leaf}"] = np.concatenate(qkv)
+        elif name == "text_projection.weight":
+            out[prefix + "text_projection"] = w.T  # OpenCLIP multiplies: x @ P
+        elif "_proj." not in name or "out_proj" in name:
+            out[prefix + _openclip_name(name)] = w
+    return out
+
+
+def _from_compvis(ckpt: dict[str, np.ndarray], unet_cfg: UNetConfig, vae_cfg: VAEConfig, text_cfg):
+    """Split a CompVis state dict into diffusers-named state dicts for the networks (``text_cfg``: SDXL's
+    two text configs as a pair).
+
+    Returns (unet, vae, text, text_2, missing), text_2 None but for SDXL: ``missing`` lists the CompVis
+    names the networks need and the file lacks. Tensors the networks do not use (EMA copies, the SD2 text
+    tower's last layer and projection, CLIP's logit scale, training-time buffers such as ``alphas_cumprod``
+    ...) are left out.
     """
     missing = []
 
@@ -186,32 +215,56 @@ def _from_compvis(ckpt: dict[str, np.ndarray], unet_cfg: UNetConfig, vae_cfg: VA
         c = VAE_PREFIX + _rename(d, vae_map)
         w = take(c)
         vae[d] = w[:, :, 0, 0] if w is not None and ".mid.attn_1." in c and w.ndim == 4 else w
-    text = {}
-    sd2 = any(k.startswith(SD2_TEXT_PREFIX) for k in ckpt)
-    for d in _names(CLIPTextModel, text_cfg):
-        if sd2 and "_proj." in d and "out_proj" not in d:  # q/k/v: a third of the layer's in_proj each
+    sdxl = any(k.startswith(SDXL_TEXT_2_PREFIX) for k in ckpt)
+    if sdxl:
+        text = _text_from_compvis(ckpt, SDXL_TEXT_PREFIX, CLIPTextModel, text_cfg[0], take)
+        text_2 = _text_from_compvis(ckpt, SDXL_TEXT_2_PREFIX, CLIPTextModelWithProjection, text_cfg[1], take)
+    elif any(k.startswith(SD2_TEXT_PREFIX) for k in ckpt):
+        text, text_2 = _text_from_compvis(ckpt, SD2_TEXT_PREFIX, CLIPTextModel, text_cfg, take), None
+    else:
+        text, text_2 = _text_from_compvis(ckpt, SD1_TEXT_PREFIX, CLIPTextModel, text_cfg, take), None
+    drop_missing = lambda sd: None if sd is None else {k: v for k, v in sd.items() if v is not None}  # noqa: E731
+    return drop_missing(unet), drop_missing(vae), drop_missing(text), drop_missing(text_2), missing
+
+
+def _text_from_compvis(ckpt, prefix: str, cls, cfg: CLIPTextConfig, take) -> dict:
+    """One text encoder's diffusers-named tensors from under ``prefix``: OpenCLIP names (q, k, v a third of
+    the layer's in_proj each; the projection transposed) or transformers names (older SD1 files have no
+    "text_model." level under the prefix)."""
+    openclip, text = prefix.endswith(".model."), {}
+    for d in _names(cls, cfg):
+        if openclip and "_proj." in d and "out_proj" not in d and "text_projection" not in d:
             layer, rest = d.split(".self_attn.")
             proj, leaf = rest.split(".")
-            w = take(f"{SD2_TEXT_PREFIX}{_openclip_name(layer)}.attn.in_proj_{leaf}")
+            w = take(f"{prefix}{_openclip_name(layer)}.attn.in_proj_{leaf}")
             if w is not None:
                 third = w.shape[0] // 3
                 text[d] = w[("q_proj", "k_proj", "v_proj").index(proj) * third :][:third]
-        elif sd2:
-            text[d] = take(SD2_TEXT_PREFIX + _openclip_name(d))
-        else:  # older SD1 files have no "text_model." level under the prefix
-            old = SD1_TEXT_PREFIX + d
-            text[d] = ckpt[old] if old in ckpt else take(f"{SD1_TEXT_PREFIX}text_model.{d}")
-    drop_missing = lambda sd: {k: v for k, v in sd.items() if v is not None}  # noqa: E731
-    return drop_missing(unet), drop_missing(vae), drop_missing(text), missing
+        elif d == "text_projection.weight":
+            w = take(prefix + "text_projection")
+            text[d] = None if w is None else w.T
+        elif openclip:
+            text[d] = take(prefix + _openclip_name(d))
+        else:
+            old = prefix + d
+            text[d] = ckpt[old] if old in ckpt else take(f"{prefix}text_model.{d}")
+    return text
 
 
 def detect_version(ckpt: dict[str, np.ndarray], source: str = "checkpoint") -> str:
-    """ "sd1" or "sd2" from the tensors of a CompVis state dict; ValueError for anything else."""
+    """ "sd1", "sd2" or "sdxl" from the tensors of a CompVis state dict; ValueError for anything else."""
     if not any(k.startswith(UNET_PREFIX) for k in ckpt):
         prefixes = sorted({k.split(".")[0] for k in ckpt})
         raise ValueError(
-            f"{source} is not a Stable Diffusion 1.x/2.x single-file checkpoint: it has no {UNET_PREFIX}* tensors "
-            f"(top-level names: {listing(prefixes)}). SDXL, LoRA and VAE-only files are different formats."
+            f"{source} is not a Stable Diffusion 1.x/2.x/XL single-file checkpoint: it has no {UNET_PREFIX}* "
+            f"tensors (top-level names: {listing(prefixes)}). LoRA and VAE-only files are different formats."
+        )
+    if any(k.startswith(SDXL_TEXT_2_PREFIX) for k in ckpt):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in ckpt):
+        raise ValueError(
+            f"{source} is SDXL's refiner (one OpenCLIP text encoder and an aesthetic-score conditioning); sdjax "
+            "runs SDXL base"
         )
     if any(k.startswith(SD2_TEXT_PREFIX) for k in ckpt):
         return "sd2"
@@ -236,12 +289,14 @@ def load_single_file(
     text_encoder: CLIPTextConfig | None = None,
     schedule: NoiseSchedule | None = None,
     tokenizer: CLIPTokenizer | None = None,
+    text_encoder_2: CLIPTextConfig | None = None,
 ) -> Components:
     """A CompVis single-file checkpoint (``.safetensors``, or ``.ckpt`` read with weights_only=True).
 
-    The file says whether it is SD1 or SD2 (OpenCLIP names under ``cond_stage_model.model``); the
-    networks' configs default to that version's (``UNetConfig.sd15()``/``sd2()`` ...), and any of
-    them can be given instead (tiny test models, or a fine-tune of another shape). The UNet's input
+    The file says whether it is SD1, SD2 (OpenCLIP names under ``cond_stage_model.model``) or SDXL (two
+    text encoders under ``conditioner.embedders``); the networks' configs default to that version's
+    (``UNetConfig.sd15()``/``sd2()``/``sdxl()`` ...), and any of them can be given instead (tiny test
+    models, or a fine-tune of another shape). The UNet's input
     channels are the file's whatever the config (:func:`unet_in_channels`: 9 for an inpainting model).
     The file does not say what the UNet predicts: SD1.x, SD2 512-base and SD2 inpainting predict ε,
     SD2 768-v predicts v — the default for SD2's 4-channel UNets here; pass
@@ -249,10 +304,10 @@ def load_single_file(
     """
     ckpt = read_state_dict(path)
     version = detect_version(ckpt, str(path))
-    sd2 = version == "sd2"
-    unet = unet or (UNetConfig.sd2() if sd2 else UNetConfig.sd15())
+    sd2, sdxl = version == "sd2", version == "sdxl"
+    unet = unet or {"sd1": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl}[version]()
     unet = dataclasses.replace(unet, in_channels=unet_in_channels(ckpt, default=unet.in_channels))
-    vae = vae or VAEConfig.sd()
+    vae = vae or (VAEConfig.sdxl() if sdxl else VAEConfig.sd())
     if unet.in_channels == vae.latent_channels + 1:
         raise ValueError(
             f"{path} is an SD 2 depth-to-image model (its UNet takes a depth map as a 5th input channel): sdjax "
@@ -262,7 +317,9 @@ def load_single_file(
     v_prediction = sd2 and unet.in_channels == vae.latent_channels
     schedule = schedule or NoiseSchedule.sd15(prediction_type="v_prediction" if v_prediction else "epsilon")
     tokenizer = tokenizer or CLIPTokenizer.from_bpe_file(pad_token="!" if sd2 else "<|endoftext|>")
-    unet_sd, vae_sd, text_sd, missing = _from_compvis(ckpt, unet, vae, text_encoder)
+    text_encoder_2 = (text_encoder_2 or CLIPTextConfig.sdxl_bigg()) if sdxl else None
+    texts = (text_encoder, text_encoder_2) if sdxl else text_encoder
+    unet_sd, vae_sd, text_sd, text_2_sd, missing = _from_compvis(ckpt, unet, vae, texts)
     if missing:
         raise ValueError(
             f"{path} lacks {len(missing)} tensors a {version.upper()} model with these configs needs "
@@ -274,14 +331,21 @@ def load_single_file(
         ("unet", UNet2D, unet, unet_sd),
         ("vae", AutoencoderKL, vae, vae_sd),
         ("text_encoder", CLIPTextModel, text_encoder, text_sd),
+        ("text_encoder_2", CLIPTextModelWithProjection, text_encoder_2, text_2_sd),
     ):
-        models[name] = abstract(cls, config)
-        load_state_dict(models[name], weights, source=f"{path} ({name})")
-    return Components(**models, tokenizer=tokenizer, schedule=schedule)
+        if config is not None:
+            models[name] = abstract(cls, config)
+            load_state_dict(models[name], weights, source=f"{path} ({name})")
+    if not sdxl:
+        return Components(**models, tokenizer=tokenizer, schedule=schedule)
+    return Components(
+        **models, tokenizer=tokenizer, schedule=schedule, scheduler_config=SDXL_SCHEDULER,
+        tokenizer_2=CLIPTokenizer.from_bpe_file(pad_token="!"), force_zeros_for_empty_prompt=True,
+    )  # fmt: skip
 
 
 def save_single_file(sd: Components, path: str | os.PathLike) -> Path:
-    """Write ``sd`` as a CompVis single-file ``.safetensors`` (the layout of SD1.x/2.x release files)."""
+    """Write ``sd`` as a CompVis single-file ``.safetensors`` (the layout of SD1.x/2.x/XL release files)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: sdjax writes single files as .safetensors only (no pickles); use that suffix")

@@ -316,7 +316,7 @@ def test_foreign_single_file_is_refused(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"conditioner.embedders.0.transformer.x": np.zeros(2, np.float32)}, str(tmp_path / "sdxl.safetensors"))
-    with pytest.raises(ValueError, match=r"not a Stable Diffusion 1.x/2.x single-file checkpoint.*conditioner"):
+    with pytest.raises(ValueError, match=r"not a Stable Diffusion 1.x/2.x/XL single-file checkpoint.*conditioner"):
         compvis.load_single_file(tmp_path / "sdxl.safetensors")
 
 

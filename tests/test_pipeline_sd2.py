@@ -4,9 +4,9 @@ A tiny random SD2-style pipeline (tests/test_convert.py checks its parts one by 
 padded with "!", Linear projections in the UNet's transformers, float32 attention (SD 2.1's
 ``upcast_attention``), and stabilityai/stable-diffusion-2-1's scheduler config (DDIM, v-prediction). It is
 saved with ``save_pretrained`` and loaded by sdjax; its images must match diffusers' to 1e-3 (as the SD1
-pipeline tests; measured ddim 2.7e-6, euler 2.7e-6, dpmpp_2m 4.6e-6). Written as a CompVis single file, the same model loads with
-v-prediction by default and gives the same images. SD 2's depth and upscaler models are refused with a
-message that says so.
+pipeline tests; measured ddim 2.7e-6, euler 2.7e-6, dpmpp_2m 4.6e-6). Written as a CompVis single file,
+the same model loads with v-prediction by default and gives the same images. SD 2's depth and upscaler
+models are refused with a message that says so.
 """
 
 import json

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import sdjax
+from sdjax import compvis
+from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.tokenizer import CLIPTokenizer
 from tests.helpers import reference_vae
 
@@ -69,7 +71,7 @@ def sdxl(tmp_path_factory):
         cross_attention_dim=64,
         norm_num_groups=8,
     ).eval()
-    vae = reference_vae((8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=0.13025, force_upcast=True)
+    vae = reference_vae((8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=0.13025)
     config = transformers.CLIPTextConfig(**TEXT)
     for name, pad in (("tokenizer_src", "<|endoftext|>"), ("tokenizer_2_src", "!")):
         CLIPTokenizer.from_bpe_file(pad_token=pad).save_folder(folder / name)
@@ -92,7 +94,8 @@ def sdxl(tmp_path_factory):
 def draw(pipe, scheduler, size, negative, seed=0):
     height, width = size
     latents = np.random.default_rng(seed).standard_normal((1, 4, height // 8, width // 8)).astype(np.float32)
-    args = dict(negative_prompt=negative, num_inference_steps=4, height=height, width=width, output_type="np")
+    args = dict(negative_prompt=negative, num_inference_steps=4, height=height, width=width, output_type="np",
+                guidance_scale=5.0)  # fmt: skip
     if isinstance(pipe, sdjax.StableDiffusion):
         return pipe("a red fox in the snow", scheduler=scheduler, latents=latents, **args)
     pipe.scheduler = getattr(diffusers, CLASSES[scheduler]).from_config(SDXL_SCHEDULER)
@@ -127,7 +130,7 @@ def test_size_conditioning_matches_diffusers(sdxl):
     reference, _, pipe = sdxl
     latents = np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32)
     sizes = dict(original_size=(64, 96), crops_coords_top_left=(8, 16), target_size=(32, 32))
-    args = dict(num_inference_steps=3, height=32, width=32, output_type="np")
+    args = dict(num_inference_steps=3, height=32, width=32, output_type="np", guidance_scale=5.0)
     reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     with torch.no_grad():
         expected = reference("a cat", latents=torch.from_numpy(latents), **sizes, **args).images
@@ -138,3 +141,64 @@ def test_size_conditioning_matches_diffusers(sdxl):
         sdjax.StableDiffusion(pipe.components.__class__(
             unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
             schedule=pipe.schedule))("a cat", original_size=(64, 64))  # fmt: skip
+
+
+def test_single_file_layout_agrees_with_diffusers_converter(sdxl, tmp_path):
+    """sdjax → SDXL single file → diffusers' own single-file conversion gives back the reference weights,
+    exactly: the UNet with its label_emb, the VAE, ViT-L under conditioner.embedders.0.transformer and bigG
+    (OpenCLIP names, the projection stored transposed) under conditioner.embedders.1.model."""
+    from safetensors.torch import load_file
+
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+    reference, _, pipe = sdxl
+    path = compvis.save_single_file(pipe.components, tmp_path / "sdxl.safetensors")
+    ckpt = load_file(str(path))
+    assert compvis.detect_version({k: None for k in ckpt}) == "sdxl"
+    converted = {
+        "unet": single_file_utils.convert_ldm_unet_checkpoint(ckpt, dict(reference.unet.config)),
+        "vae": single_file_utils.convert_ldm_vae_checkpoint(ckpt, dict(reference.vae.config)),
+        "text_encoder": single_file_utils.convert_ldm_clip_checkpoint(ckpt, "conditioner.embedders.0.transformer."),
+        "text_encoder_2": single_file_utils.convert_open_clip_checkpoint(
+            reference.text_encoder_2, ckpt, prefix="conditioner.embedders.1.model."
+        ),
+    }
+    names = lambda sd: {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}  # noqa: E731
+    for name, got in converted.items():
+        want, got = names(getattr(reference, name).state_dict()), names(got)
+        assert set(got) == set(want), (name, sorted(set(got) ^ set(want))[:5])
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_single_file_draws_what_the_folder_draws(sdxl, tmp_path):
+    _, folder, pipe = sdxl
+    path = compvis.save_single_file(pipe.components, tmp_path / "sdxl.safetensors")
+    read = lambda part: json.loads((folder / part / "config.json").read_text())  # noqa: E731
+    single = sdjax.StableDiffusion.from_pretrained(
+        path,
+        unet=UNetConfig.from_diffusers(read("unet")),
+        vae=VAEConfig.from_diffusers(read("vae")),
+        text_encoder=CLIPTextConfig.from_dict(read("text_encoder")),
+        text_encoder_2=CLIPTextConfig.from_dict(read("text_encoder_2")),
+    )
+    assert single.components.version == "sdxl" and single.components.scheduler_config["_class_name"] == (
+        "EulerDiscreteScheduler"
+    )
+    for negative in (None, "blurry"):
+        np.testing.assert_allclose(
+            draw(single, "euler", (32, 32), negative), draw(pipe, "euler", (32, 32), negative), atol=1e-6
+        )
+
+
+def test_refiner_and_unknown_files_are_refused(sdxl, tmp_path):
+    _, folder, pipe = sdxl
+    with pytest.raises(ValueError, match="SDXL's refiner .* sdjax runs SDXL base"):
+        compvis.detect_version({"model.diffusion_model.x": None, "conditioner.embedders.0.model.ln_final.weight": None})
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    try:
+        with pytest.raises(ValueError, match="StableDiffusionXLImg2ImgPipeline model: SDXL's refiner"):
+            sdjax.StableDiffusion.from_pretrained(folder)
+    finally:
+        (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(NotImplementedError, match="does not write SDXL models yet"):
+        sdjax.convert.save(pipe.components, tmp_path / "out")

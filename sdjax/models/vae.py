@@ -113,6 +113,11 @@ class VAEConfig(AutoencoderConfig):
             scaling_factor=0.18215,
         )
 
+    @classmethod
+    def sdxl(cls) -> VAEConfig:
+        """SDXL's autoencoder: SD's architecture, retrained, with its latents scaled by 0.13025."""
+        return dataclasses.replace(cls.sd(), scaling_factor=0.13025)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
