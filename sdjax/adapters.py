@@ -11,7 +11,8 @@ import os
 
 
 class Adapters:
-    """LoRA and textual inversion for a pipeline with ``unet``, ``text_encoder`` and ``tokenizer``."""
+    """LoRA and textual inversion for a pipeline with ``unet``, ``text_encoder`` and ``tokenizer`` (and SDXL's
+    ``text_encoder_2``, None for SD 1.x/2.x)."""
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> dict:
         """Load a LoRA file — diffusers/peft (``save_lora_weights``) or kohya/AUTOMATIC1111 layout, told apart
@@ -19,13 +20,15 @@ class Adapters:
         (:func:`sdjax.lora.load_lora`). It replaces any LoRA loaded before. Returns the loader's report."""
         from sdjax import lora
 
-        return lora.load_lora(path, self.unet, self.text_encoder, scale=scale)
+        return lora.load_lora(path, self.unet, self.text_encoder, scale=scale, text_encoder_2=self.text_encoder_2)
 
     def set_lora_scale(self, scale: float) -> None:
         """The LoRA strength s: W + s · (α/r) · A B (0: the base model; no recompilation)."""
         from sdjax import lora
 
-        modules = [m for m in (self.unet, self.text_encoder) if lora.lora_layers(m)]
+        modules = [
+            m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None and lora.lora_layers(m)
+        ]
         if not modules:
             raise ValueError("set_lora_scale: no LoRA is loaded (pipe.load_lora(path) first)")
         for module in modules:
@@ -35,8 +38,9 @@ class Adapters:
         """Take the LoRA out: the plain base layers back in the UNet and the text encoder."""
         from sdjax import lora
 
-        lora.remove_lora(self.unet)
-        lora.remove_lora(self.text_encoder)
+        for module in (self.unet, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                lora.remove_lora(module)
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> list[str]:
         """Add a textual-inversion embedding (diffusers' ``learned_embeds.safetensors``/``.bin``, AUTOMATIC1111's

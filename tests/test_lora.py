@@ -389,7 +389,7 @@ def _w(*shape):
         ),
         (
             {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": _w(4, 32)},
-            r"SDXL \(a second text encoder\): lora_te2_text_model",
+            r"SDXL's \(two text encoders; this model has one\): lora_te2_text_model",
         ),
         (
             {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": _w(4, 32, 3, 3),

@@ -202,3 +202,41 @@ def test_refiner_and_unknown_files_are_refused(sdxl, tmp_path):
         (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(NotImplementedError, match="does not write SDXL models yet"):
         sdjax.convert.save(pipe.components, tmp_path / "out")
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_lora_files_load_in_diffusers_and_sdjax(sdxl, tmp_path, layout):
+    """A LoRA on the UNet and both text encoders, written by sdjax in each layout (kohya names the encoders
+    lora_te1_ / lora_te2_), loaded by diffusers' StableDiffusionXLPipeline.load_lora_weights and by a fresh
+    sdjax pipeline: the same images as the pipeline that made it."""
+    import jax
+    from flax import nnx
+
+    from sdjax import lora
+
+    _, folder, _ = sdxl
+    pipe = sdjax.StableDiffusion.from_pretrained(folder)
+    for i, module in enumerate((pipe.unet, pipe.text_encoder, pipe.text_encoder_2)):
+        lora.add_lora(module, lora.LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(i))
+        for j, layer in enumerate(lora.lora_layers(module).values()):
+            layer.lora_B.set_value(0.2 * jax.random.normal(jax.random.key(10 * i + j), layer.lora_B.shape))
+    path = tmp_path / f"{layout}.safetensors"
+    lora.save_lora(path, pipe.unet, pipe.text_encoder, format=layout, text_encoder_2=pipe.text_encoder_2)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        prefixes = {k.split(".")[0] if layout == "diffusers" else k[:9] for k in f.keys()}
+    assert prefixes == ({"unet", "text_encoder", "text_encoder_2"} if layout == "diffusers" else
+                        {"lora_unet", "lora_te1_", "lora_te2_"})  # fmt: skip
+
+    expected = draw(pipe, "euler", (32, 32), "blurry")
+    base = draw(sdjax.StableDiffusion.from_pretrained(folder), "euler", (32, 32), "blurry")
+    assert np.abs(expected - base).max() > 1e-3  # the LoRA changes the image
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(path))
+    assert np.abs(draw(reference, "euler", (32, 32), "blurry") - expected).max() < 1e-3
+    fresh = sdjax.StableDiffusion.from_pretrained(folder)
+    report = fresh.load_lora(path)
+    assert report["format"] == layout and report["text_encoder_2"] and report["text_encoder"]
+    assert np.abs(draw(fresh, "euler", (32, 32), "blurry") - expected).max() < 1e-5

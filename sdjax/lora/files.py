@@ -9,6 +9,9 @@ path (which sdjax shares, up to :func:`sdjax.convert.torch_name`):
   ``.lora_up.weight`` (out, r) and ``.alpha`` (a scalar; absent or 0 means α = r, as sd-scripts reads
   it); ``lora_te_text_model_encoder_layers_0_self_attn_q_proj...`` for CLIP.
 
+SDXL's files also adapt its second text encoder: ``text_encoder_2.text_model.<module>...`` (diffusers), and
+kohya names the two ``lora_te1_`` and ``lora_te2_`` (``lora_te_`` is SD1/SD2's one text encoder).
+
 SD1's Transformer2D ``proj_in``/``proj_out`` are 1×1 convolutions, and kohya's LoRAs adapt them too,
 with (r, in, 1, 1) tensors: a 1×1 convolution is a linear map of each pixel's channels, so
 :class:`LoRALinear` adapts those as well. Larger kernels (LoCon / LyCORIS) are not supported.
@@ -36,8 +39,9 @@ from sdjax.lora.layers import TEXT_PREFIX, LoRALinear, adaptable_layers, adapter
 
 LORA_WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry: peft's LoraConfig, per part
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_PREFIXES_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def _to_torch(layer: LoRALinear) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +79,10 @@ def save_lora(
     text_encoder: nnx.Module | None = None,
     *,
     format: str = "diffusers",
+    text_encoder_2: nnx.Module | None = None,
 ) -> Path:
-    """Write the adapters of ``unet`` and/or ``text_encoder`` as a LoRA file; returns its path.
+    """Write the adapters of ``unet`` and/or ``text_encoder`` (and SDXL's ``text_encoder_2``) as a LoRA file;
+    returns its path.
 
     ``format``: "diffusers" (what ``pipeline.load_lora_weights`` and peft read; r and α per layer go in
     the header as peft's LoraConfig) or "kohya" (sd-scripts / AUTOMATIC1111 / ComfyUI; α per layer as
@@ -91,7 +97,8 @@ def save_lora(
         path = path / LORA_WEIGHT_FILES[0]
     tensors, metadata = {}, {"format": "pt"}
     peft_configs = {}
-    for part, module in zip(PARTS, (unet, text_encoder)):
+    prefixes = KOHYA_PREFIXES_SDXL if text_encoder_2 is not None else KOHYA_PREFIXES
+    for part, module in zip(PARTS, (unet, text_encoder, text_encoder_2)):
         if module is None:
             continue
         adapters = adapters_of(module, f"save_lora ({part})")
@@ -100,7 +107,7 @@ def save_lora(
             if format == "diffusers":
                 tensors[f"{part}.{name}.lora_A.weight"], tensors[f"{part}.{name}.lora_B.weight"] = down, up
             else:
-                key = KOHYA_PREFIXES[part] + name.replace(".", "_")
+                key = prefixes[part] + name.replace(".", "_")
                 tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
                 tensors[f"{key}.alpha"] = np.array(layer.alpha, np.float32)  # a 0-d tensor, as sd-scripts writes
         peft_configs |= {f"{part}.{k}": v for k, v in _peft_config(adapters, file_prefix(module)).items()}
@@ -163,7 +170,7 @@ def _parse_diffusers(state: dict[str, np.ndarray], header: dict) -> tuple[dict, 
         if part not in PARTS or leaf not in ("A.weight", "B.weight"):
             unsupported.append(key)
             continue
-        if part == "text_encoder" and not name.startswith(TEXT_PREFIX):
+        if part.startswith("text_encoder") and not name.startswith(TEXT_PREFIX):
             name = TEXT_PREFIX + name  # files written with transformers 5 lack CLIP's text_model. level
         adapter = adapters[part, name]
         adapter.keys.append(key)
@@ -185,14 +192,14 @@ def _parse_diffusers(state: dict[str, np.ndarray], header: dict) -> tuple[dict, 
     return dict(adapters), unsupported
 
 
-def _parse_kohya(state: dict[str, np.ndarray], names: dict[str, dict[str, str]]) -> tuple[dict, list[str]]:
+def _parse_kohya(state: dict[str, np.ndarray], names: dict[str, dict[str, str]], prefixes) -> tuple[dict, list[str]]:
     """{(part, module name): _Adapter} of a kohya file, and its keys sdjax cannot use. ``names`` maps
     each part's kohya layer names (module name with . → _) back to module names; a layer the model
-    lacks keeps its kohya name (reported by the caller)."""
+    lacks keeps its kohya name (reported by the caller). ``prefixes``: SD's or SDXL's part prefixes."""
     adapters, unsupported = collections.defaultdict(_Adapter), []
     for key, value in state.items():
         layer, _, leaf = key.partition(".")
-        part = next((p for p, prefix in KOHYA_PREFIXES.items() if layer.startswith(prefix)), None)
+        part = next((p for p, prefix in prefixes.items() if layer.startswith(prefix)), None)
         if part is None or leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
             unsupported.append(key)
             continue
@@ -211,7 +218,7 @@ def _unsupported_message(keys: list[str]) -> str:
     kinds = {
         "LyCORIS (LoHa/LoKr/...)": [k for k in keys if re.search(r"\.(hada_|lokr_|lora_mid\.)", k)],
         "DoRA": [k for k in keys if "dora_scale" in k or "lora_magnitude_vector" in k],
-        "SDXL (a second text encoder)": [
+        "SDXL's (two text encoders; this model has one)": [
             k for k in keys if k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))
         ],
     }
@@ -270,9 +277,10 @@ def load_lora(
     text_encoder: nnx.Module | None = None,
     *,
     scale: float = 1.0,
+    text_encoder_2: nnx.Module | None = None,
 ) -> dict:
     """Load a LoRA file (diffusers/peft or kohya/A1111 layout, told apart by its keys) into ``unet``
-    and ``text_encoder``, in place, at strength ``scale``.
+    and ``text_encoder`` (and SDXL's ``text_encoder_2``), in place, at strength ``scale``.
 
     Adapters are added where missing (or rebuilt where the rank differs) and filled; adapters the
     modules had on layers the file does not name are removed, so the modules then hold exactly this
@@ -281,13 +289,15 @@ def load_lora(
     layers the model lacks (a LoRA for another architecture), convolution LoRA, rank or shape
     mismatches raise ValueError naming the keys.
 
-    Returns a report: {"format", "unet": [layer names], "text_encoder": [layer names], "ranks", "alphas",
-    "scale"}.
+    Returns a report: {"format", "unet": [layer names], "text_encoder": [layer names], "text_encoder_2":
+    [layer names], "ranks", "alphas", "scale"}.
     """
     file = _lora_file(Path(path))
     state = read_state_dict(file)
-    modules = {"unet": unet, "text_encoder": text_encoder}
+    sdxl = text_encoder_2 is not None
+    modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     layers = {part: adaptable_layers(m) if m is not None else {} for part, m in modules.items()}
+    prefixes = KOHYA_PREFIXES_SDXL if sdxl else KOHYA_PREFIXES
     fused = [
         n
         for part in PARTS
@@ -298,11 +308,14 @@ def load_lora(
         raise ValueError(f"{len(fused)} adapters are fused ({fused[0]} ...): unfuse_lora before loading another LoRA")
     if state and all(k.startswith("lora_") for k in state):
         fmt = "kohya"
-        kohya_names = {p: {KOHYA_PREFIXES[p] + n.replace(".", "_"): n for n in layers[p]} for p in PARTS}
-        adapters, unsupported = _parse_kohya(state, kohya_names)
-    elif state and all(k.split(".")[0] in (*PARTS, "text_encoder_2") for k in state):
+        kohya_names = {p: {prefix + n.replace(".", "_"): n for n in layers[p]} for p, prefix in prefixes.items()}
+        adapters, unsupported = _parse_kohya(state, kohya_names, prefixes)
+    elif state and all(k.split(".")[0] in PARTS for k in state):
         fmt = "diffusers"
         adapters, unsupported = _parse_diffusers(state, _header(file))
+        if not sdxl:  # an SDXL file on an SD model: its text_encoder_2 tensors are reported as such
+            unsupported += [key for (part, _), a in adapters.items() if part == "text_encoder_2" for key in a.keys]
+            adapters = {k: a for k, a in adapters.items() if k[0] != "text_encoder_2"}
     else:
         raise ValueError(
             f"{file}: not a LoRA layout sdjax understands. It reads diffusers/peft files (unet.<module>.lora_A.weight"
@@ -312,7 +325,7 @@ def load_lora(
     if unsupported:
         raise ValueError(f"{file}: {_unsupported_message(unsupported)}")
     if text_encoder is None:
-        skipped = [key for (part, _), a in adapters.items() if part == "text_encoder" for key in a.keys]
+        skipped = [key for (part, _), a in adapters.items() if part != "unet" for key in a.keys]
         if skipped:
             warnings.warn(
                 f"{file} also adapts the text encoder ({len(skipped)} tensors), which were not loaded: "
@@ -324,7 +337,7 @@ def load_lora(
     if problems:
         raise ValueError(f"{file} does not fit this model: " + "; ".join(problems))
 
-    report = {"format": fmt, "unet": [], "text_encoder": [], "ranks": set(), "alphas": set(), "scale": scale}
+    report = {"format": fmt, **{part: [] for part in PARTS}, "ranks": set(), "alphas": set(), "scale": scale}
     for part, module in modules.items():
         for name, (path_in_module, layer) in layers[part].items():
             adapter = adapters.get((part, name))
