@@ -24,7 +24,7 @@ from sdjax import compvis, convert
 from sdjax.images import load_masks
 from sdjax.img2img import start_step
 from sdjax.samplers import make
-from tests.helpers import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, diffusers_images, tiny_pipeline
+from tests.helpers import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, THREE_LEVEL_UNET, diffusers_images, tiny_pipeline
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -383,3 +383,48 @@ def test_stepwise_inpainting_is_the_compiled_chain_to_the_bit(models, inpainting
         stepwise = pipe.inpaint(PROMPTS, images, a_mask(), callback=lambda i, t, x, seen=seen: seen.append(i), **kwargs)
         np.testing.assert_array_equal(stepwise, pipe.inpaint(PROMPTS, images, a_mask(), **kwargs))
         assert seen == list(range(len(seen))) and len(seen) > 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# any multiple of 8, for img2img and inpainting too
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_level_models(tmp_path_factory):
+    """A 3-level UNet (latents halved twice, so 48×64 and 72×56 images reach odd sizes): (diffusers img2img,
+    diffusers inpainting, sdjax)."""
+    folder = tmp_path_factory.mktemp("img2img3")
+    reference = tiny_pipeline(folder, unet=THREE_LEVEL_UNET)
+    return (
+        pipeline(diffusers.StableDiffusionImg2ImgPipeline, reference),
+        pipeline(diffusers.StableDiffusionInpaintPipeline, reference),
+        sdjax.StableDiffusion.from_pretrained(folder / "model"),
+    )
+
+
+@pytest.mark.parametrize("task, height, width, scheduler", [("img2img", 48, 64, "ddim"), ("inpaint", 72, 56, "euler")])
+def test_odd_latent_sizes_match_diffusers(three_level_models, known_noise, task, height, width, scheduler):
+    img2img, inpaint, pipe = three_level_models
+    rng = np.random.default_rng(5)
+    images = rng.uniform(size=(1, height, width, 3)).astype(np.float32)
+    noise, vae_noise = rng.standard_normal((2, 2, 4, height // 8, width // 8)).astype(np.float32)
+    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=STEPS, scheduler=scheduler, output_type="np")
+    known_noise("models.autoencoders.vae", vae_noise)
+    if task == "img2img":
+        known_noise("pipelines.stable_diffusion.pipeline_stable_diffusion_img2img", noise)
+        images = images.repeat(2, axis=0)  # one image per prompt
+        want = diffusers_images(img2img, scheduler, image=images, strength=0.6, num_inference_steps=STEPS)
+        got = pipe.img2img(PROMPTS, images, strength=0.6, noise=noise, vae_noise=vae_noise, **kwargs)
+    else:
+        mask = np.zeros((height, width), np.float32)
+        mask[10:50, 7:40] = 1.0
+        known_noise("pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint", noise)
+        want = diffusers_images(inpaint, scheduler, image=images, mask_image=mask, height=height, width=width,
+                                strength=0.75, num_inference_steps=STEPS)  # fmt: skip
+        got = pipe.inpaint(PROMPTS, images, mask, strength=0.75, noise=noise, vae_noise=vae_noise[:1].repeat(2, 0),
+                           **kwargs)  # fmt: skip
+    assert got.shape == want.shape == (2, height, width, 3)
+    error = float(np.max(np.abs(got - want)))
+    print(f"{task} {height}×{width} {scheduler}: max |sdjax − diffusers| = {error:.2e}")
+    assert error <= PARITY_ATOL and np.ptp(want) > 0.01
