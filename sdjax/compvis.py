@@ -290,19 +290,21 @@ def load_single_file(
     schedule: NoiseSchedule | None = None,
     tokenizer: CLIPTokenizer | None = None,
     text_encoder_2: CLIPTextConfig | None = None,
+    dtype=None,
 ) -> Components:
     """A CompVis single-file checkpoint (``.safetensors``, or ``.ckpt`` read with weights_only=True).
 
     The file says whether it is SD1, SD2 (OpenCLIP names under ``cond_stage_model.model``) or SDXL (two
     text encoders under ``conditioner.embedders``); the networks' configs default to that version's
     (``UNetConfig.sd15()``/``sd2()``/``sdxl()`` ...), and any of them can be given instead (tiny test
-    models, or a fine-tune of another shape). The UNet's input
+    models, or a fine-tune of another shape). ``dtype``: the networks' parameters (default float32), each
+    tensor cast as it is loaded. The UNet's input
     channels are the file's whatever the config (:func:`unet_in_channels`: 9 for an inpainting model).
     The file does not say what the UNet predicts: SD1.x, SD2 512-base and SD2 inpainting predict ε,
     SD2 768-v predicts v — the default for SD2's 4-channel UNets here; pass
     ``schedule=NoiseSchedule.sd15()`` for an SD2 ε-model.
     """
-    ckpt = read_state_dict(path)
+    ckpt = read_state_dict(path, float32=False)  # as stored: a float16 file stays half the size until cast
     version = detect_version(ckpt, str(path))
     sd2, sdxl = version == "sd2", version == "sdxl"
     unet = unet or {"sd1": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl}[version]()
@@ -320,6 +322,7 @@ def load_single_file(
     text_encoder_2 = (text_encoder_2 or CLIPTextConfig.sdxl_bigg()) if sdxl else None
     texts = (text_encoder, text_encoder_2) if sdxl else text_encoder
     unet_sd, vae_sd, text_sd, text_2_sd, missing = _from_compvis(ckpt, unet, vae, texts)
+    del ckpt  # the networks' dicts now hold the only references: each tensor is freed once converted
     if missing:
         raise ValueError(
             f"{path} lacks {len(missing)} tensors a {version.upper()} model with these configs needs "
@@ -334,8 +337,8 @@ def load_single_file(
         ("text_encoder_2", CLIPTextModelWithProjection, text_encoder_2, text_2_sd),
     ):
         if config is not None:
-            models[name] = abstract(cls, config)
-            load_state_dict(models[name], weights, source=f"{path} ({name})")
+            models[name] = abstract(cls, config, dtype)
+            load_state_dict(models[name], weights, source=f"{path} ({name})", consume=True)
     if not sdxl:
         return Components(**models, tokenizer=tokenizer, schedule=schedule)
     return Components(

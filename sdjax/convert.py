@@ -85,12 +85,17 @@ def to_torch_layout(path: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def load_state_dict(module: nnx.Module, state_dict: dict[str, np.ndarray], *, source: str = "checkpoint") -> None:
-    """Copy a PyTorch-named, PyTorch-layout ``state_dict`` (numpy arrays) into ``module``, in place.
+def load_state_dict(
+    module: nnx.Module, state_dict: dict[str, np.ndarray], *, source: str = "checkpoint", consume: bool = False
+) -> None:
+    """Copy a PyTorch-named, PyTorch-layout ``state_dict`` (numpy arrays) into ``module``, in place, each
+    tensor cast to its parameter's dtype.
 
     ``module`` may be abstract (built under ``nnx.eval_shape``): only its parameters' paths, shapes
-    and dtypes are read. Raises ValueError naming the missing tensors, the unexpected ones and
-    every shape mismatch (both shapes, in the checkpoint's layout), the first few of each and counts.
+    and dtypes are read. ``consume``: take the tensors out of ``state_dict`` as they are converted, so
+    that a large checkpoint (SDXL's UNet is 10 GB in float32) is never held twice. Raises ValueError naming
+    the missing tensors, the unexpected ones and every shape mismatch (both shapes, in the checkpoint's
+    layout), the first few of each and counts.
     """
     template = nnx.state(module, nnx.Param)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -104,8 +109,9 @@ def load_state_dict(module: nnx.Module, state_dict: dict[str, np.ndarray], *, so
         hint="Is it a checkpoint of this model, with the config the model was built from?",
         ignored=IGNORED_SUFFIXES,
     )
+    take = state_dict.pop if consume else state_dict.__getitem__
     arrays = [
-        jnp.asarray(to_sdjax_layout(path, np.asarray(state_dict[name])), dtype=leaf.dtype)
+        jnp.asarray(to_sdjax_layout(path, np.asarray(take(name))), dtype=leaf.dtype)
         for name, path, (_, leaf) in zip(names, paths, leaves)
     ]
     nnx.update(module, jax.tree_util.tree_unflatten(treedef, arrays))
@@ -126,8 +132,9 @@ def state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a checkpoint file as float32 (floating) or its own dtype, keyed by name.
+def read_state_dict(path: str | os.PathLike, *, float32: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint file as float32 (floating; ``float32=False``: as stored, so a float16
+    file takes half the memory) or its own dtype, keyed by name.
 
     ``.safetensors`` is read without any code execution. ``.ckpt``/``.bin``/``.pt`` are PyTorch
     pickles: they are opened with ``torch.load(weights_only=True)``, which refuses anything but
@@ -140,21 +147,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}. Check the path.")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path, float32)
     if path.suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path)
+        return _read_pickle(path, float32)
     raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _read_safetensors(path: Path, float32: bool) -> dict[str, np.ndarray]:
+    cast = _float32 if float32 else np.asarray
     try:
         with safe_open(str(path), framework="flax") as f:  # the flax reader understands bfloat16
-            return {k: _float32(np.asarray(f.get_tensor(k))) for k in f.keys()}  # noqa: SIM118
+            return {k: cast(np.asarray(f.get_tensor(k))) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
 
 
-def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+def _read_pickle(path: Path, float32: bool) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
@@ -181,11 +189,11 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
-    return {
-        k: _float32(v.float().numpy() if v.is_floating_point() else v.numpy())
-        for k, v in obj.items()
-        if torch.is_tensor(v)
-    }
+    def to_numpy(v):  # numpy has no bfloat16: such tensors become float32
+        keep = not v.is_floating_point() or (not float32 and v.dtype != torch.bfloat16)
+        return v.numpy() if keep else v.float().numpy()
+
+    return {k: to_numpy(v) for k, v in obj.items() if torch.is_tensor(v)}
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
@@ -222,12 +230,12 @@ def _component_state_dict(folder: Path) -> dict[str, np.ndarray]:
     """The weights of one diffusers component folder (single file, or shards listed in an index)."""
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            return read_state_dict(folder / name)
+            return read_state_dict(folder / name, float32=False)
     for index in sorted(folder.glob("*.index.json")):  # sharded: {"weight_map": {tensor: shard file}}
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
         out = {}
         for shard in shards:
-            out |= read_state_dict(folder / shard)
+            out |= read_state_dict(folder / shard, float32=False)
         return out
     raise FileNotFoundError(
         f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES[:2])} (or .bin, fp16 variants, or a "
@@ -235,26 +243,27 @@ def _component_state_dict(folder: Path) -> dict[str, np.ndarray]:
     )
 
 
-def load_unet(folder: str | os.PathLike) -> UNet2D:
-    """A diffusers ``unet/`` folder (config.json + weights) as an sdjax UNet2D."""
+def load_unet(folder: str | os.PathLike, dtype=None) -> UNet2D:
+    """A diffusers ``unet/`` folder (config.json + weights) as an sdjax UNet2D (parameters in ``dtype``,
+    default float32)."""
     folder = Path(folder)
-    model = abstract(UNet2D, UNetConfig.from_diffusers(_read_json(folder / "config.json")))
-    load_state_dict(model, _component_state_dict(folder), source=str(folder))
+    model = abstract(UNet2D, UNetConfig.from_diffusers(_read_json(folder / "config.json")), dtype)
+    load_state_dict(model, _component_state_dict(folder), source=str(folder), consume=True)
     return model
 
 
-def load_vae(folder: str | os.PathLike) -> AutoencoderKL:
+def load_vae(folder: str | os.PathLike, dtype=None) -> AutoencoderKL:
     """A diffusers ``vae/`` folder as an sdjax AutoencoderKL."""
     folder = Path(folder)
-    model = abstract(AutoencoderKL, VAEConfig.from_diffusers(_read_json(folder / "config.json")))
-    load_state_dict(model, _component_state_dict(folder), source=str(folder))
+    model = abstract(AutoencoderKL, VAEConfig.from_diffusers(_read_json(folder / "config.json")), dtype)
+    load_state_dict(model, _component_state_dict(folder), source=str(folder), consume=True)
     return model
 
 
 TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
 
 
-def load_text_encoder(folder: str | os.PathLike) -> CLIPTextModel:
+def load_text_encoder(folder: str | os.PathLike, dtype=None) -> CLIPTextModel:
     """A diffusers ``text_encoder/`` folder (a transformers ``CLIPTextModel``) as an sdjax CLIPTextModel, or
     SDXL's ``text_encoder_2/`` (a ``CLIPTextModelWithProjection``) as an sdjax CLIPTextModelWithProjection."""
     folder = Path(folder)
@@ -265,16 +274,22 @@ def load_text_encoder(folder: str | os.PathLike) -> CLIPTextModel:
             f"{folder} holds a {config['architectures']}, not a CLIPTextModel; sdjax loads SD1.x/2.x text encoders "
             "and SDXL's CLIPTextModelWithProjection"
         )
-    model = abstract(TEXT_ENCODERS[architecture], CLIPTextConfig.from_dict(config))
+    model = abstract(TEXT_ENCODERS[architecture], CLIPTextConfig.from_dict(config), dtype)
     weights = {k.removeprefix("text_model."): v for k, v in _component_state_dict(folder).items()}
-    load_state_dict(model, weights, source=str(folder))
+    load_state_dict(model, weights, source=str(folder), consume=True)
     return model
 
 
-def abstract(cls, config):
+def abstract(cls, config, dtype=None):
     """A module of ``cls`` whose parameters are not initialised: they are about to be overwritten, and
-    initialising 860 M random numbers only to throw them away costs seconds."""
-    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    initialising 860 M random numbers only to throw them away costs seconds. ``dtype``: the parameters'
+    (default float32), so that loading casts each tensor as it goes, never holding a float32 copy."""
+    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+        return model
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype)), params)
+    return nnx.merge(graphdef, params, rest)
 
 
 # diffusers pipelines whose folders look like SD's but need parts sdjax does not implement
@@ -291,9 +306,9 @@ UNSUPPORTED_PIPELINES = {
 }
 
 
-def load_diffusers(folder: str | os.PathLike) -> Components:
+def load_diffusers(folder: str | os.PathLike, dtype=None) -> Components:
     """A diffusers Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; SDXL base adds
-    ``text_encoder_2/ tokenizer_2/``)."""
+    ``text_encoder_2/ tokenizer_2/``), the networks' parameters in ``dtype`` (default float32)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}. Pass a diffusers model folder (one with model_index.json)")
@@ -312,13 +327,13 @@ def load_diffusers(folder: str | os.PathLike) -> Components:
     if sdxl and not (folder / "tokenizer_2").is_dir():
         raise FileNotFoundError(f"{folder} has text_encoder_2/ but no tokenizer_2/: copy the whole SDXL folder")
     return Components(
-        unet=load_unet(folder / "unet"),
-        vae=load_vae(folder / "vae"),
-        text_encoder=load_text_encoder(folder / "text_encoder"),
+        unet=load_unet(folder / "unet", dtype),
+        vae=load_vae(folder / "vae", dtype),
+        text_encoder=load_text_encoder(folder / "text_encoder", dtype),
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         schedule=NoiseSchedule.from_diffusers_config(scheduler),
         scheduler_config=scheduler,
-        text_encoder_2=load_text_encoder(folder / "text_encoder_2") if sdxl else None,
+        text_encoder_2=load_text_encoder(folder / "text_encoder_2", dtype) if sdxl else None,
         tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2") if sdxl else None,
         force_zeros_for_empty_prompt=sdxl and bool(_read_json(index).get("force_zeros_for_empty_prompt", True)),
     )
@@ -422,15 +437,17 @@ def load_sdjax(folder: str | os.PathLike) -> Components:
     )
 
 
-def load(path: str | os.PathLike, **single_file_options) -> Components:
+def load(path: str | os.PathLike, dtype=None, **single_file_options) -> Components:
     """Stable Diffusion from any layout sdjax reads: an sdjax folder, a diffusers folder, or a CompVis
-    single file (``single_file_options`` go to :func:`sdjax.compvis.load_single_file`)."""
+    single file (``single_file_options`` go to :func:`sdjax.compvis.load_single_file`). ``dtype``: the
+    networks' parameters (default float32), cast tensor by tensor while loading from a diffusers folder or a
+    single file (SDXL's UNet in bfloat16 then never exists in float32)."""
     path = Path(path)
     if path.is_dir():
-        return load_sdjax(path) if (path / SDJAX_FILE).is_file() else load_diffusers(path)
+        return load_sdjax(path) if (path / SDJAX_FILE).is_file() else load_diffusers(path, dtype)
     from sdjax import compvis  # (a module that builds on this one)
 
-    return compvis.load_single_file(path, **single_file_options)
+    return compvis.load_single_file(path, dtype=dtype, **single_file_options)
 
 
 def save(sd: Components, path: str | os.PathLike, layout: str | None = None) -> Path:

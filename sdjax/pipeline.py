@@ -265,8 +265,8 @@ class StableDiffusion(Adapters):
         """
         if jnp.dtype(dtype).name not in DTYPES:
             raise ValueError(f"dtype={jnp.dtype(dtype).name}: expected one of {DTYPES}")
-        components = convert.load(path, **single_file_options)
-        return cls(components if jnp.dtype(dtype) == jnp.float32 else components.astype(dtype))
+        components = convert.load(path, dtype=dtype, **single_file_options)
+        return cls(components if components.dtype == jnp.dtype(dtype) else components.astype(dtype))
 
     def enable_vae_tiling(self, tile_size: int | None = None) -> None:
         """Encode and decode images larger than ``tile_size`` pixels (default: the model's own size, 512

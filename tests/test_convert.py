@@ -14,9 +14,11 @@ its names, and the result must equal the reference networks' weights exactly.
 import json
 import pickle
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sdjax import compvis, convert
 from sdjax.models import UNetConfig, VAEConfig
@@ -201,6 +203,29 @@ def test_bfloat16_stays_within_bf16_error(checkpoint):
     assert rel_err(decoded, apply(sd.vae, x, method="decode")) < 3e-2
     text_low = apply(half.text_encoder, ids).last_hidden_state.astype(jnp.float32)
     assert rel_err(text_low, apply(sd.text_encoder, ids).last_hidden_state) < 3e-2
+
+
+def test_loading_in_a_dtype_casts_tensor_by_tensor(checkpoint, tmp_path):
+    """convert.load(dtype=bfloat16) (what from_pretrained does) gives the float32 model cast afterwards, bit for
+    bit, from a diffusers folder and from a float16 single file, without building the float32 model first."""
+    _, folder, _ = checkpoint
+    full = convert.load_diffusers(folder)
+
+    def leaves(sd):
+        return [np.asarray(a, np.float32) for a in jax.tree.leaves([nnx.state(getattr(sd, n)) for n in sd.networks])]
+
+    half = convert.load(folder, dtype="bfloat16")
+    assert half.dtype == jnp.bfloat16
+    for a, b in zip(leaves(half), leaves(full.astype(jnp.bfloat16)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a float16 file (as released) read as stored, then cast: the same as reading it as float32 first
+    path = compvis.save_single_file(full.astype(jnp.float16), tmp_path / "half.safetensors")
+    assert convert.read_state_dict(path, float32=False)["first_stage_model.quant_conv.weight"].dtype == np.float16
+    configs = dict(unet=full.unet.config, vae=full.vae.config, text_encoder=full.text_encoder.config)
+    direct = convert.load(path, dtype="bfloat16", **configs)
+    via32 = convert.load(path, **configs).astype(jnp.bfloat16)
+    for a, b in zip(leaves(direct), leaves(via32), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------
