@@ -10,7 +10,8 @@ with ``save_pretrained`` and loaded by sdjax.
 
 Images must match to 1e-3 (images in [0, 1], float32, as the SD1 pipeline tests; measured ≤ 3e-6) for euler
 and dpmpp_2m at 32×32 and 48×64, with a negative prompt and without one (then c_∅ and its pooled vector are
-zeros: ``force_zeros_for_empty_prompt``); four of the eight cases run by default, all with ``-m slow``.
+zeros: ``force_zeros_for_empty_prompt``); three of the eight cases run by default (each sampler, each size,
+both kinds of negative), all with ``-m slow``; likewise the kohya LoRA layout.
 """
 
 import json
@@ -103,14 +104,9 @@ def draw(pipe, scheduler, size, negative, seed=0):
         return pipe("a red fox in the snow", latents=torch.from_numpy(latents), **args).images
 
 
-CASES = [
-    ("euler", (32, 32), None),
-    ("euler", (48, 64), "blurry"),
-    ("dpmpp_2m", (32, 32), "blurry"),
-    ("dpmpp_2m", (48, 64), None),
-]
-SLOW_CASES = [("euler", (32, 32), "blurry"), ("euler", (48, 64), None), ("dpmpp_2m", (32, 32), None),
-              ("dpmpp_2m", (48, 64), "blurry")]  # fmt: skip
+CASES = [("euler", (32, 32), None), ("euler", (48, 64), "blurry"), ("dpmpp_2m", (32, 32), "blurry")]
+SLOW_CASES = [("dpmpp_2m", (48, 64), None), ("euler", (32, 32), "blurry"), ("euler", (48, 64), None),
+              ("dpmpp_2m", (32, 32), None), ("dpmpp_2m", (48, 64), "blurry")]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -204,7 +200,7 @@ def test_refiner_and_unknown_files_are_refused(sdxl, tmp_path):
         sdjax.convert.save(pipe.components, tmp_path / "out")
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+@pytest.mark.parametrize("layout", ["diffusers", pytest.param("kohya", marks=pytest.mark.slow)])
 def test_lora_files_load_in_diffusers_and_sdjax(sdxl, tmp_path, layout):
     """A LoRA on the UNet and both text encoders, written by sdjax in each layout (kohya names the encoders
     lora_te1_ / lora_te2_), loaded by diffusers' StableDiffusionXLPipeline.load_lora_weights and by a fresh
@@ -240,3 +236,46 @@ def test_lora_files_load_in_diffusers_and_sdjax(sdxl, tmp_path, layout):
     report = fresh.load_lora(path)
     assert report["format"] == layout and report["text_encoder_2"] and report["text_encoder"]
     assert np.abs(draw(fresh, "euler", (32, 32), "blurry") - expected).max() < 1e-5
+
+
+def test_img2img_matches_diffusers(sdxl, monkeypatch):
+    """SDXL base as image to image (diffusers' StableDiffusionXLImg2ImgPipeline on the same components, no
+    aesthetic score: the size numbers are the image's), the posterior's and the start's noise given to both."""
+    reference, _, pipe = sdxl
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**reference.components)
+    img2img.set_progress_bar_config(disable=True)
+    img2img.scheduler = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    rng = np.random.default_rng(2)
+    image = rng.uniform(size=(1, 48, 64, 3)).astype(np.float32)
+    noise, vae_noise = rng.standard_normal((2, 1, 4, 6, 8)).astype(np.float32)
+    for module, array in (("models.autoencoders.vae", vae_noise),
+                          ("pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img", noise)):  # fmt: skip
+        monkeypatch.setattr(f"diffusers.{module}.randn_tensor", lambda shape, a=array, **_: torch.from_numpy(a.copy()))
+    args = dict(strength=0.6, num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    with torch.no_grad():
+        expected = img2img("a red fox in the snow", image=image, **args).images
+    got = pipe.img2img("a red fox in the snow", image, scheduler="euler", noise=noise, vae_noise=vae_noise, **args)
+    error = float(np.abs(got - expected).max())
+    print(f"SDXL img2img 48×64: max abs error {error:.1e}")
+    assert got.shape == (1, 48, 64, 3) and error < 1e-3
+
+
+def test_cli_runs_an_sdxl_folder(sdxl, tmp_path, capsys):
+    """``sdjax txt2img --ckpt`` on an SDXL folder: detected, drawn, its metadata redraws it."""
+    from PIL import Image
+
+    from sdjax.cli import main
+
+    _, folder, pipe = sdxl
+    out = tmp_path / "out"
+    args = ["txt2img", "--ckpt", str(folder), "--prompt", "a (red:1.2) fox", "--prompt-syntax", "a1111", "--H", "32",
+            "--W", "32", "--ddim_steps", "2", "--sampler", "euler", "--scale", "5", "--precision", "full",
+            "--outdir", str(out), "--skip_grid"]  # fmt: skip
+    assert main(args) == 0
+    assert "(SDXL, float32)" in capsys.readouterr().out
+    with Image.open(out / "samples" / "00000.png") as image:
+        pixels, meta = np.asarray(image), dict(image.text)
+    redrawn = pipe(meta["prompt"], prompt_syntax=meta["prompt_syntax"], negative_prompt=meta["negative_prompt"],
+                   guidance_scale=float(meta["scale"]), num_inference_steps=2, scheduler="euler", height=32, width=32,
+                   seed=int(meta["seed"]))[0]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(redrawn), pixels)

@@ -220,14 +220,18 @@ def test_compel_encodings_match_compel(models, text):
     assert err < ATOL
 
 
-@pytest.mark.parametrize("text", [long_text(), long_text().replace(".", "") + " (blue)0.5 light"])
-def test_compel_long_prompts_match_compel(models, text):
-    """compel's long-prompt mode: chunks ending at a full stop (or a comma, a word end), down-weighting
-    masks across the chunks."""
+@pytest.mark.parametrize(
+    "text, chunks",
+    [(long_text(), 2), (long_text(15), 3), (long_text().replace(".", "") + " (blue)0.5 light", 2)],
+    ids=["140-tokens", "150-tokens", "phrases-downweighted"],
+)
+def test_compel_long_prompts_match_compel(models, text, chunks):
+    """compel's long-prompt mode: chunks ending at a full stop (or a comma, a word end; 150 tokens in sentences
+    of 10 make chunks of 70, 70 and 10), down-weighting masks across the chunks."""
     reference, pipe = models
     expected = reference_compel(reference, [text], long=True)
     got = np.asarray(pipe.encode_prompt([text], prompt_syntax="compel"))
-    assert got.shape == expected.shape and got.shape[1] == 2 * 77, got.shape
+    assert got.shape == expected.shape and got.shape[1] == chunks * 77, got.shape
     assert np.abs(got - expected).max() < ATOL
 
 
