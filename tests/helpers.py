@@ -218,9 +218,15 @@ def tiny_pipeline(folder, in_channels=4, unet=None):
         unet=unet,
         scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
     )
-    pipe.save_pretrained(folder / "model")
-    (folder / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder / "model")
+    return save_and_reload(pipe, folder / "model", SD15_SCHEDULER)
+
+
+def save_and_reload(pipe, folder, scheduler_config: dict):
+    """A diffusers pipeline saved with ``save_pretrained`` in ``folder``, its scheduler config written verbatim
+    (as released, without the keys diffusers adds), and loaded back from there, progress bar off."""
+    pipe.save_pretrained(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
+    pipe = type(pipe).from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -205,6 +205,7 @@ def test_bfloat16_stays_within_bf16_error(checkpoint):
     assert rel_err(text_low, apply(sd.text_encoder, ids).last_hidden_state) < 3e-2
 
 
+@pytest.mark.parametrize("checkpoint", ["sd2"], indirect=True)  # the loading path is the same for both versions
 def test_loading_in_a_dtype_casts_tensor_by_tensor(checkpoint, tmp_path):
     """convert.load(dtype=bfloat16) (what from_pretrained does) gives the float32 model cast afterwards, bit for
     bit, from a diffusers folder and from a float16 single file, without building the float32 model first."""

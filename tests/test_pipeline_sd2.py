@@ -18,7 +18,7 @@ import sdjax
 from sdjax import compvis
 from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.tokenizer import CLIPTokenizer
-from tests.helpers import reference_pipeline, reference_text_encoder, reference_unet, reference_vae
+from tests.helpers import reference_pipeline, reference_text_encoder, reference_unet, reference_vae, save_and_reload
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -56,10 +56,7 @@ def sd2(tmp_path_factory):
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_src"),
         scheduler=diffusers.DDIMScheduler.from_config(SD21_SCHEDULER),
     )
-    reference.save_pretrained(folder / "model")
-    (folder / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER))
-    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder / "model")
-    reference.set_progress_bar_config(disable=True)
+    reference = save_and_reload(reference, folder / "model", SD21_SCHEDULER)
     return reference, folder / "model", sdjax.StableDiffusion.from_pretrained(folder / "model")
 
 
