@@ -532,7 +532,7 @@ class StableDiffusion(Adapters):
             return encoded.context
         # (original size, crop corner, target size): diffusers' _get_add_time_ids, the same for c_∅ and c
         time_ids = [*(opts.original_size or size), *opts.crops_coords_top_left, *(opts.target_size or size)]
-        time_ids = jnp.tile(jnp.asarray([time_ids], encoded.pooled.dtype), (len(encoded.pooled), 1))
+        time_ids = jnp.tile(jnp.asarray([time_ids], jnp.float32), (len(encoded.pooled), 1))  # sizes exact in any dtype
         return Conditioning(encoded.context, encoded.pooled, time_ids)
 
     def _replicated(self, module: nnx.Module) -> nnx.Module:
