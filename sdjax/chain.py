@@ -32,6 +32,8 @@ image n is the same whatever the batch it is drawn in).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -118,10 +120,12 @@ def step(
 
     The network runs in whatever dtype its parameters have; its output is cast to float32, so the
     step's arithmetic and x stay float32 across the chain. Shapes: x (B, ...) float32; i () int, may be
-    traced. ``noise`` is needed by the stochastic samplers (``chain.needs_noise``).
+    traced. ``noise`` is needed by the stochastic samplers (``chain.needs_noise``). ``extra``: what the model
+    takes besides x and t, or a function of i giving it (what changes along the chain, such as a
+    ControlNet's weight at each step).
     """
     x_in = chain.model_input(i, x)
-    out = model(x_in, chain.timestep(i), extra).astype(jnp.float32)
+    out = model(x_in, chain.timestep(i), extra(i) if callable(extra) else extra).astype(jnp.float32)
     x_next, state = chain.step(i, out, x, state, noise(i) if chain.needs_noise else None)
     if blend_with is not None:
         x_next = blend(chain, i, x_next, blend_with)
@@ -165,3 +169,35 @@ def iterate(one_step: Callable[[Chain, Array, Array, dict], Step], chain: Chain,
         result = one_step(chain, jnp.int32(i), x, state)
         yield result
         x, state = result.x, result.state
+
+
+class Progress:
+    """The progress bar of the running chain: the compiled loop ticks it from the device, one
+    ``jax.debug.callback`` per model evaluation (a host call per step, negligible next to a UNet pass)."""
+
+    bar = None
+
+    @classmethod
+    def tick(cls) -> None:
+        if cls.bar is not None:
+            cls.bar.update(1)
+
+    @classmethod
+    @contextlib.contextmanager
+    def shown(cls, chain: Chain, enabled: bool = True):
+        """A bar over the chain's evaluations while the block runs (none when not ``enabled``)."""
+        if enabled:
+            from tqdm import tqdm  # text, as fit's and sample_loop's: it reads the same in a saved notebook
+
+            cls.bar = tqdm(total=len(chain), desc=f"{chain.sampler.name} {chain.sampler.steps} steps")
+        try:
+            yield
+        finally:
+            if cls.bar is not None:
+                cls.bar.close()
+            cls.bar = None
+
+
+def interactive() -> bool:
+    """A terminal or a Jupyter kernel is watching: show progress bars there, not in logs and tests."""
+    return "ipykernel" in sys.modules or sys.stderr.isatty()

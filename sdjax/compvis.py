@@ -31,6 +31,7 @@ from sdjax.components import Components
 from sdjax.convert import abstract, load_state_dict, read_state_dict, state_dict, state_dict_names
 from sdjax.io import listing
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from sdjax.models.controlnet import ControlNet, ControlNetConfig
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.schedulers import NoiseSchedule
@@ -355,6 +356,64 @@ def save_single_file(sd: Components, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in to_compvis(sd).items()}, str(path))
     return path
+
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def _controlnet_modules(cfg: ControlNetConfig) -> dict[str, tuple[str, dict]]:
+    """diffusers module path → (original ControlNet module path, renames) for a ControlNetModel: the UNet
+    encoder's CompVis names, plus ``input_hint_block`` (the condition embedding, a Sequential of convs and
+    SiLUs: convs at 0, 2, 4, …), ``zero_convs.{i}.0`` and ``middle_block_out.0``."""
+    m = {k: v for k, v in _unet_modules(cfg.unet).items() if not k.startswith(("up_blocks", "conv_out", "conv_norm"))}
+    n_blocks = 2 * (len(cfg.conditioning_embedding_out_channels) - 1)
+    m["controlnet_cond_embedding.conv_in"] = ("input_hint_block.0", {})
+    m |= {f"controlnet_cond_embedding.blocks.{k}": (f"input_hint_block.{2 * (k + 1)}", {}) for k in range(n_blocks)}
+    m["controlnet_cond_embedding.conv_out"] = (f"input_hint_block.{2 * (n_blocks + 1)}", {})
+    m |= {f"controlnet_down_blocks.{i}": (f"zero_convs.{i}.0", {}) for i in range(len(_skips(cfg)))}
+    m["controlnet_mid_block"] = ("middle_block_out.0", {})
+    return m
+
+
+def _skips(cfg: ControlNetConfig) -> list[int]:
+    L, n = cfg.unet.layers_per_block, len(cfg.unet.block_out_channels)
+    return list(range(1 + n * L + (n - 1)))
+
+
+def controlnet_to_single_file(model: ControlNet) -> dict[str, np.ndarray]:
+    """A ControlNet's tensors under the original release's names (``control_model.`` + CompVis names)."""
+    modules = _controlnet_modules(model.controlnet_config)
+    return {CONTROLNET_PREFIX + _rename(k, modules): v for k, v in state_dict(model).items()}
+
+
+def load_controlnet_single_file(
+    path: str | os.PathLike, *, unet: UNetConfig | None = None, dtype=None, **options
+) -> ControlNet:
+    """A ControlNet from one file in the original release's layout (``control_model.input_blocks…``,
+    ``input_hint_block``, ``zero_convs``, ``middle_block_out``; the prefix may be absent). The file does
+    not carry a config: the encoder is ``unet`` (default SD1.5's UNet, in_channels 4), the rest
+    ``ControlNetConfig``'s defaults or ``options``."""
+    ckpt = read_state_dict(path, float32=False)
+    if not any(k.startswith(CONTROLNET_PREFIX) for k in ckpt):
+        ckpt = {CONTROLNET_PREFIX + k: v for k, v in ckpt.items()}
+    if CONTROLNET_PREFIX + "input_hint_block.0.weight" not in ckpt:
+        raise ValueError(
+            f"{path} is not a ControlNet file: it has no input_hint_block (the condition image's encoder). "
+            "Is it a Stable Diffusion checkpoint or a LoRA? Load those with sdjax.convert.load / the LoRA loaders"
+        )
+    cfg = ControlNetConfig(dataclasses.replace(unet or UNetConfig.sd15(), in_channels=4), **options)
+    modules = _controlnet_modules(cfg)
+    model = abstract(ControlNet, cfg, dtype)
+    names = state_dict_names(model)
+    missing = [n for n in names if CONTROLNET_PREFIX + _rename(n, modules) not in ckpt]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} tensors a ControlNet with this encoder config needs ({listing(missing)}). "
+            "Is the file complete, and is unet= the config of the model it was trained for (SD1.5 by default)?"
+        )
+    weights = {n: ckpt.pop(CONTROLNET_PREFIX + _rename(n, modules)) for n in names}
+    load_state_dict(model, weights, source=str(path), consume=True)
+    return model
 
 
 def _names(cls, config) -> list[str]:

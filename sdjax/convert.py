@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 from sdjax.components import Components
 from sdjax.io import check_fit, flatten, path_str, read, save_tree, unflatten_like
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from sdjax.models.controlnet import ControlNet, ControlNetConfig
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.schedulers import NoiseSchedule
@@ -258,6 +259,35 @@ def load_vae(folder: str | os.PathLike, dtype=None) -> AutoencoderKL:
     model = abstract(AutoencoderKL, VAEConfig.from_diffusers(_read_json(folder / "config.json")), dtype)
     load_state_dict(model, _component_state_dict(folder), source=str(folder), consume=True)
     return model
+
+
+def load_controlnet(path: str | os.PathLike, dtype=None, *, unet: UNetConfig | None = None, **options) -> ControlNet:
+    """A ControlNet from a diffusers ``ControlNetModel`` folder (config.json + weights), or from a single
+    file in the layout of the original release (lllyasviel's ``control_v11p_sd15_canny.pth``, with or
+    without the ``control_model.`` prefix; :func:`sdjax.compvis.load_controlnet_single_file`, whose
+    encoder config is ``unet``, default SD1.5's, and ``options`` the rest of its ControlNetConfig).
+    Parameters in ``dtype`` (default float32)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no ControlNet at {path}: expected a diffusers ControlNetModel folder or a single .safetensors file"
+        )
+    if path.is_file():
+        from sdjax import compvis  # (a module that builds on this one)
+
+        return compvis.load_controlnet_single_file(path, unet=unet, dtype=dtype, **options)
+    if unet is not None or options:
+        raise ValueError(f"{path} is a diffusers folder: its config.json says the ControlNet's config, pass none")
+    model = abstract(ControlNet, ControlNetConfig.from_diffusers(_read_json(path / "config.json")), dtype)
+    load_state_dict(model, _component_state_dict(path), source=str(path), consume=True)
+    return model
+
+
+def save_controlnet(model: ControlNet, folder: str | os.PathLike) -> Path:
+    """Write a ControlNet as a diffusers ``ControlNetModel`` folder (what :func:`load_controlnet` reads)."""
+    folder = Path(folder)
+    _write_component(folder, model.controlnet_config.to_diffusers(), state_dict(model), WEIGHT_FILES[0])
+    return folder
 
 
 TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}

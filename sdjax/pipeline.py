@@ -45,7 +45,6 @@ dropped at the end. On one device this is the plain computation.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -60,6 +59,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import chain as chain_lib
+from sdjax import control as control_lib
 from sdjax import convert, devices, images, img2img, latents, prompt_syntax, prompts, samplers
 from sdjax.adapters import Adapters
 from sdjax.components import Components
@@ -96,6 +96,9 @@ class Options:
     original_size, crops_coords_top_left, target_size: SDXL's size conditioning, (height, width) pairs in
       pixels, as diffusers takes them: the size the image "came from", the crop's top-left corner, the
       size it is meant to be (default: the output's size, (0, 0), the output's size). SDXL only.
+    controlnet, control_image, controlnet_conditioning_scale, guess_mode, control_guidance_start/end: a
+      ControlNet or a list, its condition image(s) at the output's size (which they set if height/width
+      are not given), its scale, guess mode and the fraction of the steps it acts in (:mod:`sdjax.control`).
     """
 
     negative_prompt: str | list[str] | None = None
@@ -112,6 +115,12 @@ class Options:
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
+    controlnet: object = None
+    control_image: object = None
+    controlnet_conditioning_scale: float | list[float] = 1.0
+    guess_mode: bool = False
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
 
     def __post_init__(self):
         if self.prompt_syntax not in prompt_syntax.SYNTAXES:
@@ -150,76 +159,66 @@ class Inputs(NamedTuple):
       For SDXL a :class:`Conditioning` of such arrays.
     keys: (N, 2) each image's step-noise key. extra: (N, h, w, C) the channels an inpainting UNet takes
     after x's (the mask and the masked image's latents, C = 5), or None. blend: latent blending, or None.
+    control: the ControlNets' condition images and weights (:class:`sdjax.control.Control`), or None.
     """
 
     context: Array | Conditioning
     keys: Array
     extra: Array | None = None
     blend: chain_lib.Blend | None = None
+    control: control_lib.Control | None = None
+
+    def extra_at(self, i):
+        """What the model takes besides x and t at evaluation i: (inpainting channels, control images,
+        control weights (N, M)), Nones where unused."""
+        if self.control is None:
+            return self.extra, None, None
+        return self.extra, self.control.images, self.control.weights[:, i]
 
 
-def _unet_model(unet, context: Array | Conditioning, dtype, guidance_scale) -> chain_lib.Model:
-    """The UNet as the chain calls a model (:mod:`sdjax.chain`), guided when ``guidance_scale`` is given."""
+def _unet_model(networks, context: Array | Conditioning, dtype, guidance_scale, guess_mode) -> chain_lib.Model:
+    """The UNet (and its ControlNets: ``networks`` = (unet, controlnets)) as the chain calls a model
+    (:mod:`sdjax.chain`; extra: :meth:`Inputs.extra_at`), guided when ``guidance_scale`` is given."""
+    unet, controlnets = networks
 
     def model(x: Array, t: Array, extra) -> Array:
-        if extra is not None:
-            x = jnp.concatenate([x, extra], axis=-1)
+        channels, control_images, weights = extra
+        x = x.astype(dtype)
+        added = None
         if isinstance(context, Conditioning):
             added = {"text_embeds": context.text_embeds, "time_ids": context.time_ids}
-            return unet(x.astype(dtype), t, context.context, added_cond=added)
-        return unet(x.astype(dtype), t, context)
+        text = context.context if added else context
+        control = None
+        if controlnets:
+            guided = guidance_scale is not None
+            control = control_lib.residuals(
+                controlnets, x, t, text, control_images, weights, guess_mode=guess_mode, guided=guided, added=added
+            )
+        if channels is not None:
+            x = jnp.concatenate([x, channels.astype(dtype)], axis=-1)
+        return unet(x, t, text, added_cond=added, control=control)
 
     return model if guidance_scale is None else chain_lib.guided(model, guidance_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "progress"), donate_argnames=("x",))
-def _denoise(graphdef, state, dtype, progress: bool, chain: Chain, x: Array, inputs: Inputs, guidance_scale):
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "progress", "guess"), donate_argnames=("x",))
+def _denoise(graphdef, state, dtype, progress: bool, guess: bool, chain: Chain, x: Array, inputs: Inputs, guidance):
     """The chain over latents x (N, h, w, 4) float32 (donated: its buffer becomes the result's) as one
     ``lax.scan``, ticking the progress bar after every evaluation when ``progress``. Returns x_0."""
-    model = _unet_model(nnx.merge(graphdef, state), inputs.context, dtype, guidance_scale)
+    model = _unet_model(nnx.merge(graphdef, state), inputs.context, dtype, guidance, guess)
     noise = chain_lib.noise_per_image(inputs.keys, x.shape[1:])
-    tick = _Progress.tick if progress else None
-    return chain_lib.run(model, chain, x, extra=inputs.extra, noise=noise, blend_with=inputs.blend, on_step=tick)
+    tick = chain_lib.Progress.tick if progress else None
+    return chain_lib.run(model, chain, x, extra=inputs.extra_at, noise=noise, blend_with=inputs.blend, on_step=tick)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "dtype"))
-def _denoise_step(graphdef, state, dtype, inputs: Inputs, guidance_scale, chain: Chain, i, x, sampler_state):
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "guess"))
+def _denoise_step(graphdef, state, dtype, guess: bool, inputs: Inputs, guidance, chain: Chain, i, x, sampler_state):
     """Evaluation i of :func:`_denoise`'s chain, alone (:func:`sdjax.chain.iterate`)."""
-    model = _unet_model(nnx.merge(graphdef, state), inputs.context, dtype, guidance_scale)
+    model = _unet_model(nnx.merge(graphdef, state), inputs.context, dtype, guidance, guess)
     noise = chain_lib.noise_per_image(inputs.keys, x.shape[1:])
-    return chain_lib.step(model, chain, i, x, sampler_state, extra=inputs.extra, noise=noise, blend_with=inputs.blend)
-
-
-class _Progress:
-    """The progress bar of the running chain: the compiled loop ticks it from the device, one
-    ``jax.debug.callback`` per model evaluation (a host call per step, negligible next to a UNet pass)."""
-
-    bar = None
-
-    @classmethod
-    def tick(cls) -> None:
-        if cls.bar is not None:
-            cls.bar.update(1)
-
-    @classmethod
-    @contextlib.contextmanager
-    def shown(cls, chain: Chain, enabled: bool = True):
-        """A bar over the chain's evaluations while the block runs (none when not ``enabled``)."""
-        if enabled:
-            from tqdm import tqdm  # text, as fit's and sample_loop's: it reads the same in a saved notebook
-
-            cls.bar = tqdm(total=len(chain), desc=f"{chain.sampler.name} {chain.sampler.steps} steps")
-        try:
-            yield
-        finally:
-            if cls.bar is not None:
-                cls.bar.close()
-            cls.bar = None
-
-
-def _interactive() -> bool:
-    """A terminal or a Jupyter kernel is watching: show progress bars there, not in logs and tests."""
-    return "ipykernel" in sys.modules or sys.stderr.isatty()
+    return chain_lib.step(
+        model, chain, i, x, sampler_state, extra=inputs.extra_at, noise=noise, blend_with=inputs.blend
+    )
 
 
 def _image_keys(seed: int, n: int, parts: int) -> Array:
@@ -252,7 +251,7 @@ class StableDiffusion(Adapters):
         # image sizes must be multiples of 8 (diffusers' rule) and of the VAE's factor f, so that the
         # latents are whole; the UNet takes latents of any size (its up path resizes to each skip)
         self.size_multiple = int(np.lcm(8, self.vae_scale_factor))
-        self.progress = _interactive()
+        self.progress = chain_lib.interactive()
         self.devices: list | None = None
         self.vae_tile: int | None = None  # pixels; see enable_vae_tiling
 
@@ -321,12 +320,14 @@ class StableDiffusion(Adapters):
         texts, negatives = prompts.prompt_lists(prompt, opts.negative_prompt)
         self._check_unet("txt2img")
         f = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        self._check_size("height", height)
-        self._check_size("width", width)
         chain = self._chain(opts)
         n = len(texts) * opts.num_images_per_prompt
+        size = None if height is None and width is None else (height, width)
+        controlnets, control, size = control_lib.prepare(opts.controlnet, opts.control_image, opts, len(chain), n, size)
+        height = (size and size[0]) or self.unet.config.sample_size * f
+        width = (size and size[1]) or self.unet.config.sample_size * f
+        self._check_size("height", height)
+        self._check_size("width", width)
 
         # 1. text → contexts, each prompt's repeated for its images: [c_∅; c] pairs under guidance
         context = self._contexts(texts, negatives, opts, (height, width))
@@ -340,7 +341,7 @@ class StableDiffusion(Adapters):
             x = images.user_latents(latents, "latents", (n, shape[3], shape[1], shape[2]))
 
         # 3. the denoising chain, 4. decode
-        x = self._denoise(chain, chain.start(x), Inputs(context, noise_keys), opts)
+        x = self._denoise(chain, chain.start(x), Inputs(context, noise_keys, control=control), opts, controlnets)
         return self._output(x, opts.output_type, n, chain)
 
     # ---------------------------------------------------------------------------------------------
@@ -441,6 +442,9 @@ class StableDiffusion(Adapters):
         )
         n, chain = pairs.n, self._chain(opts, start)
         context = self._contexts(pairs.prompts, pairs.negatives, opts, (height, width))
+        controlnets, control, _ = control_lib.prepare(
+            opts.controlnet, opts.control_image, opts, len(chain), n, (height, width)
+        )
 
         f, c = self.vae_scale_factor, self.vae.config.latent_channels
         shape, expected = (height // f, width // f, c), (n, c, height // f, width // f)
@@ -469,7 +473,7 @@ class StableDiffusion(Adapters):
         x0 = encode(pixels, image_keys) if blending or not from_noise else None
         x = chain.start(eps) if from_noise else chain.add_noise(0, x0, eps)
 
-        inputs = Inputs(context, noise_keys)
+        inputs = Inputs(context, noise_keys, control=control)
         if masks is not None:
             latent_mask = jnp.asarray(images.latent_mask(masks, f))[pairs.source(len(masks))]
             if blending:
@@ -477,7 +481,7 @@ class StableDiffusion(Adapters):
             else:  # [x, m, E(image · (1 − m))]
                 masked = encode(img2img.masked_image(pixels, masks), masked_keys)
                 inputs = inputs._replace(extra=jnp.concatenate([latent_mask, masked], axis=-1))
-        return self._output(self._denoise(chain, x, inputs, opts), opts.output_type, n, chain)
+        return self._output(self._denoise(chain, x, inputs, opts, controlnets), opts.output_type, n, chain)
 
     # ---------------------------------------------------------------------------------------------
     # The parts every call shares
@@ -541,7 +545,7 @@ class StableDiffusion(Adapters):
         nnx.update(module, devices.replicate(nnx.state(module), devices.local_mesh(self.devices)))
         return module
 
-    def _denoise(self, chain: Chain, x: Array, inputs: Inputs, opts: Options) -> Array:
+    def _denoise(self, chain: Chain, x: Array, inputs: Inputs, opts: Options, controlnets: tuple = ()) -> Array:
         """The chain over x (N, h, w, 4) with the UNet, the batch split over the local devices (module
         docstring): one compiled loop, or step by step with ``opts.callback``; a progress bar when
         :attr:`progress` is on. Returns the final latents (N', h, w, 4) of the padded batch, N' = N
@@ -551,18 +555,20 @@ class StableDiffusion(Adapters):
         pairs = jax.tree.map(lambda c: c.reshape(n, -1, *c.shape[1:]), inputs.context)  # (kN, …) → (N, k, …)
         x, inputs = devices.shard_batch(devices.pad_batch((x, inputs._replace(context=pairs)), padded), mesh)
         inputs = inputs._replace(context=jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), inputs.context))
-        unet = nnx.split(self._replicated(self.unet))
+        networks = nnx.split((self._replicated(self.unet), tuple(self._replicated(c) for c in controlnets)))
         guidance_scale = jnp.float32(opts.guidance_scale) if opts.guided else None
+        guess = bool(opts.guess_mode or any(c.controlnet_config.global_pool_conditions for c in controlnets))
         if opts.callback is not None:
-            one_step = functools.partial(_denoise_step, *unet, self.dtype, inputs, guidance_scale)
-            with _Progress.shown(chain, self.progress):
+            one_step = functools.partial(_denoise_step, *networks, self.dtype, guess, inputs, guidance_scale)
+            with chain_lib.Progress.shown(chain, self.progress):
                 for i, result in enumerate(chain_lib.iterate(one_step, chain, x)):
-                    _Progress.tick()
+                    chain_lib.Progress.tick()
                     opts.callback(i, float(chain.plan.timesteps[i]), images.to_user_latents(result.x[:n]))
                     x = result.x
             return x
-        with _Progress.shown(chain, self.progress):
-            return jax.block_until_ready(_denoise(*unet, self.dtype, self.progress, chain, x, inputs, guidance_scale))
+        with chain_lib.Progress.shown(chain, self.progress):
+            x = _denoise(*networks, self.dtype, self.progress, guess, chain, x, inputs, guidance_scale)
+            return jax.block_until_ready(x)
 
     def _output(self, x: Array, output_type: str, n: int, chain: Chain):
         """Final latents (N', h, w, 4) of a padded, sharded batch → what ``output_type`` asks for (see

@@ -45,7 +45,7 @@ SAMPLE_NAME, GRID_NAME = r"(\d{5})\.png", r"grid-(\d{4})\.png"  # outdir/samples
 
 def _checked_settings(args: argparse.Namespace) -> tuple[list[str], str]:
     """The prompts and the sampler of a txt2img/img2img run, after the checks that need no model."""
-    from sdjax.samplers import SAMPLERS
+    from sdjax.samplers import resolve
 
     if args.ckpt is None:
         from sdjax.tiny_sd import BUNDLE
@@ -68,9 +68,8 @@ def _checked_settings(args: argparse.Namespace) -> tuple[list[str], str]:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     sampler = args.sampler or ("plms" if args.plms else "ddim")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    if args.ddim_eta != 0.0 and sampler != "ddim":
+    name, _ = resolve(sampler)  # an unknown name is refused here, before any model is loaded
+    if args.ddim_eta != 0.0 and name != "ddim":
         raise ValueError(f"--ddim_eta is DDIM's; the {sampler} sampler has none (leave it at 0 or use --sampler ddim)")
     if args.from_file is None:
         return [args.prompt], sampler
@@ -116,14 +115,14 @@ def _next_number(folder: Path, pattern: str) -> int:
 
 def _parameters(meta: dict[str, str]) -> str:
     """``meta`` as AUTOMATIC1111's web UI writes it (its "PNG info"): prompt, negative prompt, settings."""
-    from sdjax.samplers import CLASSES
+    from sdjax.samplers import a1111_name
 
     lines = [meta["prompt"]]
     if meta["negative_prompt"]:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     settings = {
         "Steps": meta["steps"],
-        "Sampler": CLASSES[meta["sampler"]].a1111_name,
+        "Sampler": a1111_name(meta["sampler"]),
         "CFG scale": meta["scale"],
         "Seed": meta["seed"],
         "Size": meta["size"],
@@ -300,7 +299,6 @@ def img2img(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
     """The flags txt2img and img2img share, with CompVis's names and defaults."""
-    from sdjax.samplers import SAMPLERS
 
     p.add_argument(
         "--prompt", help=f"the prompt to render (default: {BUNDLED_PROMPT!r} for the bundled model, else CompVis's)"
@@ -330,7 +328,12 @@ def add_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
     p.add_argument("--skip_save", action="store_true", help="do not save the individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps, whatever the sampler (%(default)s)")
     p.add_argument("--plms", action="store_true", help="sample with PLMS instead of DDIM")
-    p.add_argument("--sampler", metavar="NAME", help=f"one of {', '.join(SAMPLERS)}; overrides --plms (default: ddim)")
+    p.add_argument(
+        "--sampler",
+        metavar="NAME",
+        help='an sdjax name (dpmpp_2m, euler_a, …) or a web-UI one ("DPM++ 2M Karras", "Euler a", …: '
+        "docs/samplers.md); overrides --plms (default: ddim)",
+    )
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM's η (0: deterministic); ddim only")
     p.add_argument("--n_iter", type=int, default=1, help="batches per prompt (%(default)s)")
     p.add_argument("--n_samples", type=int, default=1, help="images per batch (%(default)s)")

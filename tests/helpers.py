@@ -67,6 +67,32 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
+class BrownianPath:
+    """A Brownian motion W in σ, built from given normals, as the noise of an SDE sampler: a reference's
+    ``noise_sampler(σ, σ')`` (k-diffusion, diffusers' DPMSolverSDEScheduler) gets (W(σ') − W(σ)) / √(σ − σ').
+
+    W(first σ asked) = 0; each σ' below every point so far extends the path by √(σ_low − σ') · :attr:`z`,
+    z the normal the caller set for the current model evaluation. Over disjoint intervals that is z
+    itself; over nested ones (dpmpp_sde) the increments are correlated as a Brownian motion's are.
+    """
+
+    def __init__(self, to_torch):
+        self.to_torch = to_torch  # (B, H, W, C) numpy → the reference's tensor
+        self.points: dict[float, np.ndarray] = {}
+        self.z = None
+
+    def __call__(self, sigma, sigma_next):
+        a, b = float(sigma), float(sigma_next)
+        if not self.points:
+            self.points[a] = np.zeros_like(self.z, np.float64)
+        if b not in self.points:
+            low = min(self.points)
+            assert b < low, (a, b, low)
+            self.points[b] = self.points[low] + np.sqrt(low - b) * self.z.astype(np.float64)
+        increment = (self.points[b] - self.points[a]) / np.sqrt(a - b)
+        return self.to_torch(increment.astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------------
 # tiny reference networks
 # ---------------------------------------------------------------------------------------------------
@@ -179,6 +205,7 @@ SCHEDULERS = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 
 
@@ -237,7 +264,10 @@ def diffusers_images(reference, scheduler: str, **kwargs) -> np.ndarray:
     import diffusers
     import torch
 
-    reference.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(reference.scheduler.config)
+    from sdjax.samplers import CLASSES
+
+    cls = CLASSES[scheduler]
+    reference.scheduler = getattr(diffusers, cls.diffusers_class).from_config(reference.scheduler.config | cls.variant)
     with torch.no_grad():
         return reference(PROMPTS, negative_prompt=NEGATIVES, output_type="np", **kwargs).images
 

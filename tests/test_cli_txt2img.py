@@ -197,6 +197,18 @@ def test_prompt_syntax_flag_is_recorded_and_regenerates(model, tmp_path):
     np.testing.assert_array_equal(regenerate(meta), weighted)
 
 
+def test_web_ui_sampler_names(model, tmp_path):
+    """--sampler "DPM++ 2M Karras": the sampler the web UIs call so (dpmpp_2m on Karras σ's), written
+    into the PNG info under that name, and redrawn from the metadata."""
+    common = ["txt2img", "--ckpt", model, "--prompt", "a red bicycle", "--skip_grid", *STEPS, *FULL]
+    assert main([*common, "--outdir", str(tmp_path / "karras"), "--sampler", "DPM++ 2M Karras"]) == 0
+    assert main([*common, "--outdir", str(tmp_path / "plain"), "--sampler", "dpmpp_2m"]) == 0
+    (karras, meta), (plain, _) = (read_png(tmp_path / d / "samples" / "00000.png") for d in ("karras", "plain"))
+    assert meta["sampler"] == "DPM++ 2M Karras" and ", Sampler: DPM++ 2M Karras, " in meta["parameters"]
+    assert np.abs(karras.astype(int) - plain).max() > 0  # other σ's, another image
+    np.testing.assert_array_equal(regenerate(meta), karras)
+
+
 def test_img2img(model, tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (37, 50, 3), np.uint8)).save(tmp_path / "init.png")

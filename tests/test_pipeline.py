@@ -6,7 +6,7 @@ encoder with CLIP's real vocabulary and tokenizer: :func:`tests.helpers.tiny_pip
 diffusers, saved with ``save_pretrained``, and loaded by sdjax. Both pipelines get the same prompts,
 negative prompts and starting latents; each deterministic sampler must give the same images to
 within 1e-3 (images in [0, 1], float32; measured, 4 steps, guidance 7.5: ddim 1.9e-6, plms 1.2e-6,
-euler 1.5e-6, dpmpp_2m 1.4e-6, lms 2.0e-6, heun 1.1e-6; euler without guidance 6e-7).
+euler 1.5e-6, dpmpp_2m 1.4e-6, lms 2.0e-6, heun 1.1e-6, unipc 1.2e-6; euler without guidance 6e-7).
 """
 
 
@@ -18,7 +18,17 @@ import sdjax
 from sdjax import compvis, samplers
 from sdjax.samplers import from_config as sampler_from_config
 from sdjax.samplers import make
-from tests.helpers import NEGATIVES, PROMPTS, SCHEDULERS, SIZE, diffusers_images, tiny_pipeline
+from tests.helpers import (
+    NEGATIVES,
+    PROMPTS,
+    SCHEDULERS,
+    SIZE,
+    BrownianPath,
+    diffusers_images,
+    nchw,
+    nhwc,
+    tiny_pipeline,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -75,6 +85,55 @@ def test_images_match_diffusers(models, scheduler, guidance_scale):
     assert np.ptp(want) > 0.01  # the comparison is not between two constant images
 
 
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_sde", "dpmpp_sde"])
+def test_stochastic_samplers_match_diffusers(models, scheduler, monkeypatch):
+    """The SDE samplers with the step noise sdjax draws (per image, from the seed) handed to diffusers:
+    as variance_noise (DPMSolverMultistepScheduler), or as a Brownian path's increments in place of its
+    torchsde tree (DPMSolverSDEScheduler). Measured 4 steps, guidance 7.5: 1.6e-6 and 2.0e-6."""
+    from sdjax import chain as chain_lib
+    from sdjax.pipeline import _image_keys
+
+    reference, _, pipe = models
+    latents, steps, seed = start_latents(), 4, 3
+    evaluations = len(make(scheduler, steps).plan(pipe.components.schedule).timesteps)
+    noise = chain_lib.noise_per_image(_image_keys(seed, 2, 2)[1], latents.shape[2:] + latents.shape[1:2])
+    Z = [torch.from_numpy(nchw(noise(i))) for i in range(evaluations)]
+
+    def pipeline_with_our_noise():
+        reference.scheduler = getattr(diffusers, samplers.CLASSES[scheduler].diffusers_class).from_config(
+            reference.scheduler.config | samplers.CLASSES[scheduler].variant
+        )
+        step, calls, path = reference.scheduler.step, [], BrownianPath(lambda z: torch.from_numpy(nchw(z)))
+
+        def step_with_noise(model_output, t, sample, **kwargs):
+            i = len(calls)
+            calls.append(t)
+            if scheduler == "dpmpp_2m_sde":
+                kwargs["variance_noise"] = Z[i]
+            else:
+                path.z, reference.scheduler.noise_sampler = nhwc(Z[i].numpy()), path
+            return step(model_output, t, sample, **kwargs)
+
+        monkeypatch.setattr(reference.scheduler, "step", step_with_noise)
+        with torch.no_grad():
+            images = reference(
+                PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps, latents=torch.from_numpy(latents),
+                output_type="np",
+            ).images
+        assert len(calls) == evaluations
+        return images
+
+    want = pipeline_with_our_noise()
+    got = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps, scheduler=scheduler, latents=latents,
+               seed=seed, output_type="np")
+    error = float(np.max(np.abs(got - want)))
+    print(f"{scheduler}: max |sdjax − diffusers| = {error:.2e}")
+    assert error <= PARITY_ATOL
+    other_seed = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps, scheduler=scheduler,
+                      latents=latents, seed=seed + 1, output_type="np")
+    assert float(np.max(np.abs(other_seed - want))) > 10 * PARITY_ATOL  # the match is the noise's doing
+
+
 def test_checkpoint_scheduler_and_output_types(models):
     """scheduler=None runs the folder's own (PNDM → plms); "latent" and "pil" outputs agree with "np"."""
     _, _, pipe = models
@@ -94,10 +153,22 @@ def test_sampler_from_config():
     euler = {"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}
     assert sampler_from_config(euler, None, 10, 0.0) == make("euler", 10, karras=True)
     assert sampler_from_config(euler, "euler_a", 10, 0.0) == make("euler_a", 10)  # no Karras σ's there
-    with pytest.raises(ValueError, match="UniPCMultistepScheduler, which sdjax does not implement"):
-        sampler_from_config({"_class_name": "UniPCMultistepScheduler"}, None, 10, 0.0)
-    with pytest.raises(ValueError, match="algorithm_type='dpmsolver'"):
+    with pytest.raises(ValueError, match="DEISMultistepScheduler, which sdjax does not implement"):
+        sampler_from_config({"_class_name": "DEISMultistepScheduler"}, None, 10, 0.0)
+    with pytest.raises(ValueError, match="'algorithm_type': 'dpmsolver'"):
         sampler_from_config({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, None, 10, 0)
+    with pytest.raises(ValueError, match="'solver_order': 3"):
+        sampler_from_config({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, None, 10, 0)
+    # a class with two variants; the web UIs' names, with their Karras setting over the config's
+    sde = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}
+    assert sampler_from_config(sde, None, 10, 0.0) == make("dpmpp_2m_sde", 10)
+    assert sampler_from_config({"_class_name": "UniPCMultistepScheduler"}, None, 10, 0.0) == make("unipc", 10)
+    assert sampler_from_config(None, "DPM++ 2M Karras", 10, 0.0) == make("dpmpp_2m", 10, karras=True)
+    assert sampler_from_config(euler, "Euler", 10, 0.0) == make("euler", 10)
+    assert sampler_from_config(euler, "euler", 10, 0.0) == make("euler", 10, karras=True)
+    assert samplers.a1111_name("dpmpp_sde", karras=True) == "DPM++ SDE Karras"
+    with pytest.raises(ValueError, match="web-UI name"):
+        sampler_from_config(None, "DPM++ 2M Krras", 10, 0.0)
 
 
 def test_single_file_gives_the_same_images(models, tmp_path):
@@ -148,7 +219,7 @@ def test_errors_and_warnings(models):
         pipe("a cat", height=44)
     with pytest.raises(ValueError, match="width=6 .* nearest valid sizes are 8"):
         pipe("a cat", width=6)
-    with pytest.raises(ValueError, match="unknown scheduler 'k_euler'"):
+    with pytest.raises(ValueError, match="unknown sampler 'k_euler'"):
         pipe("a cat", scheduler="k_euler")
     with pytest.raises(ValueError, match=r"latents of shape \(1, 4, 8, 8\): expected \(2, 4, 4, 4\)"):
         pipe(PROMPTS, latents=np.zeros((1, 4, 8, 8), np.float32))

@@ -37,7 +37,7 @@ embedding and the image's size and crop numbers (``added_cond``, see :meth:`UNet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -180,17 +180,13 @@ class UpBlock(nnx.Module):
         return x
 
 
-class UNet2D(nnx.Module):
-    """The denoiser ε_θ(x_t, t[, c]): diffusers' ``UNet2DModel``, or with a ``cross_attention_dim``
-    in its config Stable Diffusion's text-conditioned ``UNet2DConditionModel``.
+class UNetEncoder(nnx.Module):
+    """The encoder half of a UNet: time embedding, conv_in, the down levels and the middle block — what
+    :class:`UNet2D` and a ControlNet (:mod:`sdjax.models.controlnet`, a trainable copy of this half)
+    share, built by the same code from the same :class:`UNetConfig`.
 
-    Shapes: x (B, H, W, in_channels), t (B,) or a scalar, context (B, S, cross_attention_dim) for a
-    text-conditioned config → (B, H, W, out_channels), for any H and W: a level of odd size halves to
-    ⌈H/2⌉, and the up path resizes to each skip connection's size (diffusers' ``upsample_size``), so
-    SD's 8× latents of any multiple-of-8 image work (600×800 → 75×100).
-
-    With ``addition_embed_type="text_time"`` (SDXL) the call also takes ``added_cond``, diffusers'
-    ``added_cond_kwargs``: {"text_embeds": (B, D_pool), "time_ids": (B, n)} (:meth:`added_embedding`).
+    :meth:`embed_time` gives the time embedding every block takes; :meth:`encode` runs the encoder and
+    returns the middle block's output and the skip connections, in the order they were pushed.
     """
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
@@ -201,24 +197,6 @@ class UNet2D(nnx.Module):
         if cfg.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, d_t, rngs=rngs)
         self.conv_in = conv(cfg.in_channels, ch[0], 3, rngs)
-
-        def attention(kind: str, level: int) -> Callable[[int], nnx.Module] | None:
-            """What a level of this kind attends with: nothing, the image (Attn…), or the text (CrossAttn…)."""
-            heads = cfg.heads(level)
-            if kind.startswith("Attn") or kind == "UNetMidBlock2D":
-                return lambda c: SelfAttention(c, heads=heads, groups=g, eps=eps, rngs=rngs)
-            if "CrossAttn" in kind:
-                return lambda c: Transformer2D(
-                    c,
-                    heads=heads,
-                    context_dim=cfg.cross_attention_dim,
-                    layers=cfg.transformer_layers(level),
-                    groups=g,
-                    linear_projection=cfg.use_linear_projection,
-                    upcast=cfg.upcast_attention,
-                    rngs=rngs,
-                )
-            return None
 
         # Build the encoder while recording the channels of every skip it will push, so the decoder
         # can size each resnet's input: conv_in's output, each resnet's output, each downsampler's.
@@ -231,7 +209,7 @@ class UNet2D(nnx.Module):
                     ch[i],
                     temb_dim=d_t,
                     layers=cfg.layers_per_block,
-                    attention=attention(kind, i),
+                    attention=self.attention(kind, i, rngs),
                     downsample=i < last,
                     groups=g,
                     eps=eps,
@@ -241,37 +219,33 @@ class UNet2D(nnx.Module):
             )
             skip_channels += [ch[i]] * (cfg.layers_per_block + (i < last))
         self.down_blocks = nnx.List(down_blocks)
+        self.skip_channels = tuple(skip_channels)  # of every skip connection, in the order pushed
 
         self.mid_block = MidBlock(
-            ch[-1], attention=attention(cfg.mid_block_type, last), temb_dim=d_t, groups=g, eps=eps, rngs=rngs
+            ch[-1], attention=self.attention(cfg.mid_block_type, last, rngs), temb_dim=d_t, groups=g, eps=eps, rngs=rngs
         )
-
-        rev = ch[::-1]
-        up_blocks = []
-        for i, kind in enumerate(cfg.up_block_types):
-            n = cfg.layers_per_block + 1
-            skip_channels, popped = skip_channels[:-n], skip_channels[-n:]
-            up_blocks.append(
-                UpBlock(
-                    rev[max(i - 1, 0)],
-                    rev[i],
-                    skip_channels=tuple(reversed(popped)),
-                    temb_dim=d_t,
-                    attention=attention(kind, last - i),
-                    upsample=i < last,
-                    groups=g,
-                    eps=eps,
-                    rngs=rngs,
-                )
-            )
-        assert not skip_channels, "every skip connection is consumed exactly once"
-        self.up_blocks = nnx.List(up_blocks)
-
-        self.conv_norm_out = group_norm(ch[0], g, eps, rngs)
-        self.conv_out = conv(ch[0], cfg.out_channels, 3, rngs)
         # Rematerialisation for training (``jax.checkpoint``): each block's activations are recomputed in
         # the backward pass instead of kept from the forward one — memory for about a third more compute.
         self.remat = False
+
+    def attention(self, kind: str, level: int, rngs: nnx.Rngs) -> Callable[[int], nnx.Module] | None:
+        """What a level of this kind attends with: nothing, the image (Attn…), or the text (CrossAttn…)."""
+        cfg, heads = self.config, self.config.heads(level)
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        if kind.startswith("Attn") or kind == "UNetMidBlock2D":
+            return lambda c: SelfAttention(c, heads=heads, groups=g, eps=eps, rngs=rngs)
+        if "CrossAttn" in kind:
+            return lambda c: Transformer2D(
+                c,
+                heads=heads,
+                context_dim=cfg.cross_attention_dim,
+                layers=cfg.transformer_layers(level),
+                groups=g,
+                linear_projection=cfg.use_linear_projection,
+                upcast=cfg.upcast_attention,
+                rngs=rngs,
+            )
+        return None
 
     def time_proj(self, t: Array) -> Array:
         """Fixed sinusoidal features of the timesteps: (B,) → (B, block_out_channels[0])."""
@@ -313,18 +287,14 @@ class UNet2D(nnx.Module):
             jnp.concatenate([text_embeds.astype(features.dtype), features], axis=-1).astype(dtype)
         )
 
-    def __call__(
-        self,
-        x: Array,
-        t: Array | float,
-        context: Array | None = None,
-        added_cond: Mapping[str, Array] | None = None,
+    def embed_time(
+        self, x: Array, t: Array | float, context: Array | None, added_cond: Mapping[str, Array] | None
     ) -> Array:
-        """x (B, H, W, in_channels), t (B,) or scalar, context (B, S, D_c) or None, added_cond (SDXL:
-        {"text_embeds": (B, D_pool), "time_ids": (B, n)}) or None → ε̂ (B, H, W, out_channels)."""
+        """Check the inputs against the config and return the time embedding t_emb (B, D_t) in x's dtype
+        (with SDXL's added conditioning folded in)."""
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-            raise ValueError(f"UNet2D: x must be (B, H, W, {cfg.in_channels}), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: x must be (B, H, W, {cfg.in_channels}), got {tuple(x.shape)}")
         if cfg.cross_attention_dim is None and context is not None:
             raise ValueError("this UNet2D is not text-conditioned (cross_attention_dim=None): call it without context")
         if cfg.cross_attention_dim is not None:
@@ -349,19 +319,19 @@ class UNet2D(nnx.Module):
         temb = self.time_embedding(self.time_proj(t).astype(x.dtype))  # a bf16 network stays bf16
         if text_time:
             temb = temb + self.added_embedding(added_cond["text_embeds"], added_cond["time_ids"], x.dtype)
+        return temb
 
+    def encode(self, x: Array, temb: Array, context: Array | None, cond: Array | None = None) -> tuple[Array, list]:
+        """conv_in (plus ``cond``, a ControlNet's embedded condition image, same shape), the down levels,
+        the middle block: (B, H, W, in_channels) → (middle output, the skips in the order pushed)."""
         h = self.conv_in(x)
+        if cond is not None:
+            h = h + cond
         skips = [h]
         for block in self.down_blocks:
             h, pushed = self._run(block, h, temb, context)
             skips.extend(pushed)
-        h = self._run(self.mid_block, h, temb, context)
-        for block in self.up_blocks:
-            n = len(block.resnets)  # the skips this block consumes, handed over as a list of its own
-            skips, taken = skips[:-n], skips[-n:]
-            size = skips[-1].shape[1:3] if skips else None  # where the upsampler must land: the next skip
-            h = self._run(block, h, taken, temb, context, size=size)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
+        return self._run(self.mid_block, h, temb, context), skips
 
     def _run(self, block: nnx.Module, *args, **static):
         """``block(*args, **static)``, under ``nnx.remat`` when :attr:`remat` is on (``static``: Python values,
@@ -369,3 +339,73 @@ class UNet2D(nnx.Module):
         if self.remat:
             return nnx.remat(lambda b, *a: b(*a, **static))(block, *args)
         return block(*args, **static)
+
+
+class UNet2D(UNetEncoder):
+    """The denoiser ε_θ(x_t, t[, c]): diffusers' ``UNet2DModel``, or with a ``cross_attention_dim``
+    in its config Stable Diffusion's text-conditioned ``UNet2DConditionModel``.
+
+    Shapes: x (B, H, W, in_channels), t (B,) or a scalar, context (B, S, cross_attention_dim) for a
+    text-conditioned config → (B, H, W, out_channels), for any H and W: a level of odd size halves to
+    ⌈H/2⌉, and the up path resizes to each skip connection's size (diffusers' ``upsample_size``), so
+    SD's 8× latents of any multiple-of-8 image work (600×800 → 75×100).
+
+    With ``addition_embed_type="text_time"`` (SDXL) the call also takes ``added_cond``, diffusers'
+    ``added_cond_kwargs``: {"text_embeds": (B, D_pool), "time_ids": (B, n)} (:meth:`added_embedding`).
+    With ``control`` (a ControlNet's output) its residuals are added to the skips and the middle output.
+    """
+
+    def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        ch, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
+        d_t, last = cfg.time_embed_dim, len(ch) - 1
+        skip_channels = list(self.skip_channels)
+        rev = ch[::-1]
+        up_blocks = []
+        for i, kind in enumerate(cfg.up_block_types):
+            n = cfg.layers_per_block + 1
+            skip_channels, popped = skip_channels[:-n], skip_channels[-n:]
+            up_blocks.append(
+                UpBlock(
+                    rev[max(i - 1, 0)],
+                    rev[i],
+                    skip_channels=tuple(reversed(popped)),
+                    temb_dim=d_t,
+                    attention=self.attention(kind, last - i, rngs),
+                    upsample=i < last,
+                    groups=g,
+                    eps=eps,
+                    rngs=rngs,
+                )
+            )
+        assert not skip_channels, "every skip connection is consumed exactly once"
+        self.up_blocks = nnx.List(up_blocks)
+
+        self.conv_norm_out = group_norm(ch[0], g, eps, rngs)
+        self.conv_out = conv(ch[0], cfg.out_channels, 3, rngs)
+
+    def __call__(
+        self,
+        x: Array,
+        t: Array | float,
+        context: Array | None = None,
+        added_cond: Mapping[str, Array] | None = None,
+        control: tuple[Sequence[Array], Array] | None = None,
+    ) -> Array:
+        """x (B, H, W, in_channels), t (B,) or scalar, context (B, S, D_c) or None, added_cond (SDXL:
+        {"text_embeds": (B, D_pool), "time_ids": (B, n)}) or None, control: (down residuals, one per skip,
+        each of its skip's shape; mid residual) or None → ε̂ (B, H, W, out_channels)."""
+        temb = self.embed_time(x, t, context, added_cond)
+        h, skips = self.encode(x, temb, context)
+        if control is not None:  # ControlNet: residuals added to what the encoder hands the decoder
+            down, mid = control
+            if len(down) != len(skips):
+                raise ValueError(f"control: {len(down)} down residuals for this UNet's {len(skips)} skip connections")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down)]
+            h = h + mid.astype(h.dtype)
+        for block in self.up_blocks:
+            n = len(block.resnets)  # the skips this block consumes, handed over as a list of its own
+            skips, taken = skips[:-n], skips[-n:]
+            size = skips[-1].shape[1:3] if skips else None  # where the upsampler must land: the next skip
+            h = self._run(block, h, taken, temb, context, size=size)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))

@@ -79,11 +79,15 @@ class Sampler:
     steps: int = 50
 
     name: ClassVar[str]
-    diffusers_class: ClassVar[str]
+    diffusers_class: ClassVar[str | None]  # None: diffusers has no scheduler for it
     a1111_name: ClassVar[str]  # what AUTOMATIC1111's web UI calls it (the "Sampler" of its PNG info)
     # diffusers' X.from_config(config) fills the keys a scheduler_config.json lacks with X's own defaults,
     # not those of the class that wrote the file: these are X's defaults that differ from NoiseSchedule's
     config_defaults: ClassVar[dict] = {}
+    # the settings of the diffusers class that select this method (algorithm_type, solver_order, …), and
+    # that class's defaults for them: a scheduler_config.json with other settings is another method
+    variant: ClassVar[dict] = {}
+    variant_defaults: ClassVar[dict] = {}
     order: ClassVar[int] = 1  # model evaluations per step in the timestep list (diffusers' scheduler.order)
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")  # the network outputs it can step on
     needs_noise: ClassVar[bool] = False  # whether step takes fresh N(0, I) noise (the stochastic samplers)
@@ -96,6 +100,11 @@ class Sampler:
             raise ValueError(f"steps={self.steps}: a chain needs at least one step")
         if self.karras and not self.takes_karras:
             raise ValueError(f"karras=True: {self.name} takes no Karras sigmas ({self.diffusers_class} has none)")
+
+    @classmethod
+    def variant_of(cls, config: dict) -> dict:
+        """The values a diffusers scheduler config gives the settings of :attr:`variant`."""
+        return {key: config.get(key, cls.variant_defaults[key]) for key in cls.variant}
 
     def plan(self, schedule: NoiseSchedule, start: int = 0) -> Plan:
         """The chain, as diffusers' ``set_timesteps`` builds it (see :class:`Plan`).

@@ -1,5 +1,5 @@
 """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095): diffusers' ``DPMSolverMultistepScheduler`` with its
-defaults (algorithm_type="dpmsolver++", solver_order=2).
+defaults (algorithm_type="dpmsolver++", solver_order=2), and its SDE variant (algorithm_type="sde-dpmsolver++").
 
 It works on the VP sample x itself, as the DDPM-style samplers do, but plans in σ, as the σ samplers do
 (:mod:`sdjax.samplers.sigma`): in the paper's notation α_t = √ᾱ_t = 1/√(σ² + 1), σ_t = √(1 − ᾱ_t) = σ α_t.
@@ -8,6 +8,7 @@ It works on the VP sample x itself, as the DDPM-style samplers do, but plans in 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +65,10 @@ def dpmpp_2m_step(
     sigma,
     sigma_next,
     second_order,
+    noise=None,
 ) -> tuple[Array, dict]:
-    """One step of DPM-Solver++(2M), Algorithm 2 of the paper, on the VP sample x (not x / √ᾱ).
+    """One step of DPM-Solver++(2M), Algorithm 2 of the paper, on the VP sample x (not x / √ᾱ); with
+    ``noise``, of DPM-Solver++(2M) SDE.
 
     In the paper's notation α_t = √ᾱ_t = 1/√(σ² + 1) and σ_t = √(1 − ᾱ_t) = σ α_t, the half-log-SNR
     λ_t = log(α_t / σ_t), and x̂_0 = (x − σ_t ε̂)/α_t (or α_t x − σ_t v̂). Going from t_{i−1} to t_i
@@ -80,9 +83,15 @@ def dpmpp_2m_step(
     diffusers' defaults (solver_order=2, lower_order_final, final σ = 0) give first order on the first
     step (no history) and on the last, to σ = 0 (λ = ∞, e^{−h} = 0: x_next = D, and r = 0).
 
+    The SDE variant (diffusers' algorithm_type="sde-dpmsolver++" with the midpoint rule, k-diffusion's
+    ``sample_dpmpp_2m_sde`` with η = 1; the paper's §5 and Appendix) solves the reverse SDE instead of
+    the ODE: the same D, but e^{−2h} where the ODE has e^{−h}, and fresh noise z ∼ N(0, I),
+
+        x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) e^{−h_i} x_{t_{i−1}} + α_{t_i} (1 − e^{−2h_i}) D_i + σ_{t_i} √(1 − e^{−2h_i}) z.
+
     state: {"x0": x̂_0 of the previous step, (B, ...) float32}.
-    Shapes: model_output, x (B, ...); sigma_prev, sigma, sigma_next () float32 (σ's, not σ_t's; σ_prev
-    unused on first-order steps); second_order () bool → (x_next in model_output's dtype, state).
+    Shapes: model_output, x, noise (B, ...); sigma_prev, sigma, sigma_next () float32 (σ's, not σ_t's;
+    σ_prev unused on first-order steps); second_order () bool → (x_next in model_output's dtype, state).
     """
 
     x, out = f32(x), f32(model_output)
@@ -96,7 +105,11 @@ def dpmpp_2m_step(
     # steps' r (0, or ±∞) never reaches the arrays.
     weight = jnp.where(second_order, 1.0 / (2.0 * r), 0.0)
     D = x0 + weight * (x0 - state["x0"])
-    x_next = (sigma_t / sigma_s) * x - (alpha_t * (jnp.exp(-h) - 1.0)) * D
+    if noise is None:
+        x_next = (sigma_t / sigma_s) * x - (alpha_t * (jnp.exp(-h) - 1.0)) * D
+    else:
+        decay = 1.0 - jnp.exp(-2.0 * h)
+        x_next = (sigma_t / sigma_s * jnp.exp(-h)) * x + (alpha_t * decay) * D + sigma_t * jnp.sqrt(decay) * f32(noise)
     return x_next.astype(model_output.dtype), {"x0": x0}
 
 
@@ -112,15 +125,9 @@ class DPMSolverPP2M(Sampler):
     a1111_name = "DPM++ 2M"
     config_defaults = {"timestep_spacing": "linspace"}
 
-    @classmethod
-    def check_config(cls, config: dict) -> None:
-        """Refuse the DPMSolverMultistepScheduler variants this class does not implement."""
-        variant = (config.get("algorithm_type", "dpmsolver++"), config.get("solver_order", 2))
-        if variant != ("dpmsolver++", 2):
-            raise ValueError(
-                f"the checkpoint's DPMSolverMultistepScheduler is algorithm_type={variant[0]!r}, "
-                f"solver_order={variant[1]}; sdjax implements DPM-Solver++(2M) only: pass another scheduler"
-            )
+    variant = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}
+    variant_defaults = variant
+    rounds_cosine_karras: ClassVar[bool] = False
 
     def whole_plan(self, schedule):
         ts = _dpm_timesteps(schedule, self.steps)
@@ -129,7 +136,8 @@ class DPMSolverPP2M(Sampler):
             table = sigma_table(schedule)
             sigmas = karras_sigmas(float(table[0]), float(table[-1]), self.steps)
             ts = sigma_to_t(sigmas, schedule)
-            if schedule.beta_schedule != "squaredcos_cap_v2":  # diffusers rounds, except for this one
+            # diffusers rounds, except DPMSolverMultistepScheduler for this one schedule
+            if self.rounds_cosine_karras or schedule.beta_schedule != "squaredcos_cap_v2":
                 ts = np.round(ts)
         else:
             sigmas = np.interp(ts, np.arange(schedule.num_train_timesteps), sigma_table(schedule))
@@ -152,4 +160,18 @@ class DPMSolverPP2M(Sampler):
         sigmas, i = jnp.asarray(plan.sigmas), jnp.asarray(i)
         sigma_prev = sigmas[jnp.maximum(i - 1, 0)]  # (at i = 0: σ_0, unused)
         second_order = (i > 0) & (i < len(plan.timesteps) - 1)
-        return dpmpp_2m_step(schedule, model_output, x, state, sigma_prev, sigmas[i], sigmas[i + 1], second_order)
+        if self.needs_noise:
+            self._require(noise)
+        return dpmpp_2m_step(
+            schedule, model_output, x, state, sigma_prev, sigmas[i], sigmas[i + 1], second_order, noise
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverPP2MSDE(DPMSolverPP2M):
+    """DPM-Solver++(2M) SDE, midpoint rule (:func:`dpmpp_2m_step` with noise)."""
+
+    name = "dpmpp_2m_sde"
+    a1111_name = "DPM++ 2M SDE"
+    needs_noise = True
+    variant = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}

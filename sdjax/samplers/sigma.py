@@ -27,6 +27,7 @@ fifth of t (6e-8 relative).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -75,14 +76,15 @@ def sigma_to_t(sigmas: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
     return (1.0 - w) * low + w * (low + 1)
 
 
-def _sigma_sampler_timesteps(schedule: NoiseSchedule, n: int) -> np.ndarray:
+def _sigma_sampler_timesteps(schedule: NoiseSchedule, n: int, dtype=np.float32) -> np.ndarray:
     """Euler, Euler a, LMS and Heun: leading/trailing as :func:`timesteps`, but linspace left
-    unrounded (fractional t): (n,) float32, descending."""
+    unrounded (fractional t): (n,) descending, in ``dtype`` (the σ's are interpolated at these t:
+    float32 for those classes, float64 for DPMSolverSDEScheduler)."""
     if schedule.timestep_spacing == "linspace":
         if not 1 <= n <= schedule.num_train_timesteps:
             raise ValueError(f"steps={n} must be between 1 and num_train_timesteps={schedule.num_train_timesteps}")
-        return np.linspace(0, schedule.num_train_timesteps - 1, n)[::-1].astype(np.float32)
-    return timesteps(schedule, n).astype(np.float32)
+        return np.linspace(0, schedule.num_train_timesteps - 1, n)[::-1].astype(dtype)
+    return timesteps(schedule, n).astype(dtype)
 
 
 def lms_coefficients(sigmas: np.ndarray, order: int = LMS_ORDER) -> np.ndarray:
@@ -137,6 +139,19 @@ def euler_step(schedule: NoiseSchedule, model_output: Array, x: Array, sigma, si
     return (f32(x) + d * (sigma_next - sigma)).astype(model_output.dtype)
 
 
+def ancestral_sigmas(sigma, sigma_next):
+    """(σ_down, σ_up) of an ancestral step σ → σ_next (k-diffusion's ``get_ancestral_step``, η = 1):
+
+        σ_up = σ_next √(σ² − σ_next²) / σ,    σ_down = √(σ_next² − σ_up²),
+
+    so that a deterministic step down to σ_down plus fresh noise of std σ_up lands at σ_next. Shapes: () → ().
+    """
+    sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    # ≥ 0 in exact arithmetic; the clamp only guards against a rounding dip below
+    sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
+    return sigma_down, sigma_up
+
+
 def euler_ancestral_step(
     schedule: NoiseSchedule, model_output: Array, x: Array, sigma, sigma_next, noise: Array
 ) -> Array:
@@ -151,9 +166,7 @@ def euler_ancestral_step(
 
     Shapes: model_output, x, noise (B, ...); sigma, sigma_next () → (B, ...) in model_output's dtype.
     """
-    sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-    # ≥ 0 in exact arithmetic; the clamp only guards against a rounding dip below
-    sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
     d = (f32(x) - denoised(schedule, model_output, x, sigma)) / sigma
     x_next = f32(x) + d * (sigma_down - sigma) + sigma_up * f32(noise)
     return x_next.astype(model_output.dtype)
@@ -220,14 +233,20 @@ class SigmaSampler(Sampler):
 
     takes_karras = True
     config_defaults = {"timestep_spacing": "linspace"}
+    timestep_dtype: ClassVar[type] = np.float32  # of the spaced t the σ's are interpolated at
 
-    def whole_plan(self, schedule):
-        ts = _sigma_sampler_timesteps(schedule, self.steps)
+    def spaced_sigmas(self, schedule: NoiseSchedule) -> tuple[np.ndarray, np.ndarray]:
+        """The N timesteps ((N,) float32) and their σ's ((N,) float64, before the final 0)."""
+        ts = _sigma_sampler_timesteps(schedule, self.steps, self.timestep_dtype)
         sigmas = np.interp(ts, np.arange(schedule.num_train_timesteps), sigma_table(schedule))  # float64
         if self.karras:
             # between the σ's of the first and last spaced timesteps (unlike dpmpp_2m's)
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], self.steps)
-            ts = sigma_to_t(sigmas, schedule).astype(np.float32)
+            ts = sigma_to_t(sigmas, schedule)
+        return ts.astype(np.float32), sigmas
+
+    def whole_plan(self, schedule):
+        ts, sigmas = self.spaced_sigmas(schedule)
         sigmas = np.append(sigmas, 0.0).astype(np.float32)
         # diffusers' x_T scale: σ_max, or √(σ_max² + 1) for leading spacing (the std of x_0 + σ ε for
         # unit-variance x_0) — the two conventions coexist in diffusers, keyed on the spacing.
