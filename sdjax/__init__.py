@@ -25,6 +25,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.components    the networks, tokenizer and schedule of one checkpoint
     sdjax.convert       weights in and out: PyTorch names and layouts, diffusers folders, sdjax folders
     sdjax.compvis       CompVis single-file checkpoints (.ckpt/.safetensors)
+    sdjax.control       ControlNet in the pipeline: condition images, per-step weights, residuals
     sdjax.latents       pixels ↔ latents through the VAE, whole or tiled
     sdjax.images        images, masks and latents a user passes in, checked
     sdjax.img2img       image to image (SDEdit) and inpainting: where the chain starts, what it keeps

@@ -202,7 +202,7 @@ def _unet_model(networks, context: Array | Conditioning, dtype, guidance_scale, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "progress", "guess"), donate_argnames=("x",))
-def _denoise(graphdef, state, dtype, progress: bool, guess: bool, chain: Chain, x: Array, inputs: Inputs, guidance):
+def _denoise(graphdef, state, dtype, progress: bool, chain: Chain, x: Array, inputs: Inputs, guidance, guess=False):
     """The chain over latents x (N, h, w, 4) float32 (donated: its buffer becomes the result's) as one
     ``lax.scan``, ticking the progress bar after every evaluation when ``progress``. Returns x_0."""
     model = _unet_model(nnx.merge(graphdef, state), inputs.context, dtype, guidance, guess)
@@ -212,7 +212,7 @@ def _denoise(graphdef, state, dtype, progress: bool, guess: bool, chain: Chain, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "guess"))
-def _denoise_step(graphdef, state, dtype, guess: bool, inputs: Inputs, guidance, chain: Chain, i, x, sampler_state):
+def _denoise_step(graphdef, state, dtype, inputs: Inputs, guidance, chain: Chain, i, x, sampler_state, guess=False):
     """Evaluation i of :func:`_denoise`'s chain, alone (:func:`sdjax.chain.iterate`)."""
     model = _unet_model(nnx.merge(graphdef, state), inputs.context, dtype, guidance, guess)
     noise = chain_lib.noise_per_image(inputs.keys, x.shape[1:])
@@ -559,7 +559,7 @@ class StableDiffusion(Adapters):
         guidance_scale = jnp.float32(opts.guidance_scale) if opts.guided else None
         guess = bool(opts.guess_mode or any(c.controlnet_config.global_pool_conditions for c in controlnets))
         if opts.callback is not None:
-            one_step = functools.partial(_denoise_step, *networks, self.dtype, guess, inputs, guidance_scale)
+            one_step = functools.partial(_denoise_step, *networks, self.dtype, inputs, guidance_scale, guess=guess)
             with chain_lib.Progress.shown(chain, self.progress):
                 for i, result in enumerate(chain_lib.iterate(one_step, chain, x)):
                     chain_lib.Progress.tick()
@@ -567,7 +567,7 @@ class StableDiffusion(Adapters):
                     x = result.x
             return x
         with chain_lib.Progress.shown(chain, self.progress):
-            x = _denoise(*networks, self.dtype, self.progress, guess, chain, x, inputs, guidance_scale)
+            x = _denoise(*networks, self.dtype, self.progress, chain, x, inputs, guidance_scale, guess=guess)
             return jax.block_until_ready(x)
 
     def _output(self, x: Array, output_type: str, n: int, chain: Chain):

@@ -26,16 +26,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-# The files that take longest with an empty cache (seconds of their slowest tests, `pytest --durations=45`,
+# The files that take longest with an empty cache (seconds, all their tests together, from `pytest --junitxml`,
 # 2026-12-05), run first: pytest-xdist (`--dist loadfile`) hands whole files to whichever worker is free, in
 # collection order, so a long file collected last keeps one worker busy while the other waits. Longest first
 # lets the short files fill in at the end and the two workers finish together.
 LONGEST_FIRST = {
-    "test_finetune.py": 169, "test_convert.py": 112, "test_tiny_sd.py": 89, "test_cli_finetune.py": 76,
-    "test_cli.py": 58, "test_pipeline_sdxl.py": 57, "test_diffusion.py": 57, "test_train.py": 55,
-    "test_benchmark.py": 52, "test_multidevice.py": 44, "test_models.py": 42, "test_bundled_model.py": 41,
-    "test_pretrained.py": 38, "test_probe.py": 30, "test_img2img.py": 29, "test_pipeline_precision_and_sizes.py": 26,
-    "test_cli_txt2img.py": 23, "test_memory_estimate.py": 20,
+    "test_convert.py": 142, "test_finetune.py": 109, "test_img2img.py": 106, "test_pipeline_sdxl.py": 87,
+    "test_diffusion.py": 80, "test_pipeline.py": 73, "test_tiny_sd.py": 61, "test_train.py": 61, "test_models.py": 58,
+    "test_cli_txt2img.py": 58, "test_controlnet.py": 54, "test_pipeline_precision_and_sizes.py": 52,
+    "test_cli_finetune.py": 52, "test_unet.py": 48, "test_cli.py": 37, "test_bundled_model.py": 36,
+    "test_speed.py": 30, "test_sdxl_unet.py": 24, "test_exercises.py": 20, "test_samplers.py": 20,
+    "test_memory_estimate.py": 20, "test_pipeline_sd2.py": 18, "test_lora.py": 15, "test_pretrained.py": 14,
 }  # fmt: skip
 
 

@@ -31,6 +31,7 @@ MEASURES = (
 NUMBER = r"[0-9.e+-]+ \([0-9.e+-]+–[0-9.e+-]+, 1\)"  # median (min–max, reps)
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_tiny_benchmark_writes_a_table_with_both_sides(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from sdjax import io
@@ -11,6 +12,7 @@ from sdjax.cli import main
 from sdjax.models import AutoencoderKL, VAEConfig
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_train_vae_from_the_command_line_and_resume(tmp_path, capsys):
     out = tmp_path / "vae"
     args = [

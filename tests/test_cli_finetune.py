@@ -46,6 +46,7 @@ def test_train_ti_then_txt2img_with_it(folder, tmp_path, capsys):
     assert "added <sks>" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_train_dreambooth_with_prior(folder, tmp_path, capsys):
     out = tmp_path / "model"
     argv = ["train-dreambooth", "--images", str(folder), "--class-prompt", "a large ring", "--num-class-images", "2"]

@@ -369,6 +369,7 @@ def test_text_encoder_folder_of_another_model(tmp_path):
         convert.load_text_encoder(tmp_path)
 
 
+@pytest.mark.parametrize("checkpoint", ["sd1"], indirect=True)  # the layouts' code is the same for both versions
 def test_sdjax_layout_and_cli_round_trip(checkpoint, tmp_path, capsys):
     """`sdjax convert`: diffusers folder → sdjax folder → CompVis file → diffusers folder, outputs unchanged."""
     from sdjax.cli import main

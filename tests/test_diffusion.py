@@ -240,6 +240,7 @@ def test_reference_losses_match_monte_carlo(prediction_type):
         assert got == pytest.approx(want[name], rel=0.03), name  # 200,000 draws of t: ±1.5 % at most
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_training_on_shapes_beats_the_per_pixel_gaussian_baseline():
     ds = make_shapes(2048, resolution=16, seed=0, max_objects=1)
     cfg = dataclasses.replace(TINY, sample_size=16)

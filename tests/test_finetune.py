@@ -103,6 +103,7 @@ def test_remat_gives_the_same_gradients(bundle_components):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5 * float(jnp.abs(a).max()))
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_dreambooth_in_bf16_with_remat_trains_the_unet_only(bundle_components):
     pipe = fresh_pipe(bundle_components)
     _, images, prompts = crescents(2, 0)
@@ -184,6 +185,7 @@ def test_textual_inversion_trains_the_new_row_only(bundle_components):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(pipe.unet, nnx.Param)), unet)
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_lora_dropout_trains_and_ends_in_eval_mode(bundle_components):
     pipe = fresh_pipe(bundle_components)
     _, images, prompts = crescents(2, 0)

@@ -45,9 +45,9 @@ SCRIPT = textwrap.dedent(
     pipe.progress = False
     shardings = []
     real = pipeline._denoise
-    def spy(*args):
+    def spy(*args, **kwargs):
         shardings.append(args[5].sharding)  # x: (graphdef, state, dtype, progress, chain, x, …)
-        return real(*args)
+        return real(*args, **kwargs)
     pipeline._denoise = spy
     prompts = ["a red fox", "a blue bird on a branch", "a green tree"]
     kwargs = dict(num_inference_steps=3, scheduler="euler_a", guidance_scale=7.5, seed=5)

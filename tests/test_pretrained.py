@@ -81,6 +81,7 @@ def test_shipped_weights_load_and_record_their_recipe():
     assert pretrained.weights_path("ddpm-shapes16").stat().st_size < 8e6  # a few MB (float16)
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_shipped_model_draws_every_background_evenly(cat):
     """A regression check on the shipped weights, on what they do get right (notebook 03, section 7):
     the backgrounds of the samples' nearest real images are spread like the data's, 25 % each (the

@@ -216,10 +216,10 @@ def test_the_chain_has_no_host_calls_and_donates_its_latents(pipe, monkeypatch):
     on; its starting latents are donated (their buffer is reused for the result)."""
     real, seen = pipeline._denoise, []
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         x = args[5]  # StableDiffusion._denoise passes (graphdef, state, dtype, progress, chain, x, …)
-        hlo = real.lower(*args).as_text()
-        out = real(*args)
+        hlo = real.lower(*args, **kwargs).as_text()
+        out = real(*args, **kwargs)
         seen.append(
             {"callbacks": hlo.count("callback"), "loops": hlo.count("stablehlo.while"), "donated": x.is_deleted()}
         )

@@ -21,14 +21,14 @@ from sdjax.schedulers import NoiseSchedule, timesteps
 Array = jax.Array
 
 
-def _alpha_sigma_lambda(sigma):
+def alpha_sigma_lambda(sigma):
     """(α_t, σ_t, λ_t = log(α_t / σ_t)) at noise level σ."""
     alpha = 1.0 / jnp.sqrt(sigma**2 + 1.0)
     sigma_t = sigma * alpha
     return alpha, sigma_t, jnp.log(alpha) - jnp.log(sigma_t)
 
 
-def _x0(schedule: NoiseSchedule, out: Array, x: Array, alpha, sigma_t) -> Array:
+def x0_from_output(schedule: NoiseSchedule, out: Array, x: Array, alpha, sigma_t) -> Array:
     """x̂_0 = (x − σ_t ε̂)/α_t, or α_t x − σ_t v̂ for v_prediction (float32 inputs)."""
     if schedule.prediction_type == "epsilon":
         return (x - sigma_t * out) / alpha
@@ -95,10 +95,10 @@ def dpmpp_2m_step(
     """
 
     x, out = f32(x), f32(model_output)
-    _, _, lambda_prev = _alpha_sigma_lambda(sigma_prev)
-    alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(sigma)
-    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigma_next)
-    x0 = _x0(schedule, out, x, alpha_s, sigma_s)
+    _, _, lambda_prev = alpha_sigma_lambda(sigma_prev)
+    alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(sigma)
+    alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(sigma_next)
+    x0 = x0_from_output(schedule, out, x, alpha_s, sigma_s)
     h = lambda_t - lambda_s
     r = (lambda_s - lambda_prev) / h
     # D = x̂_0 + (x̂_0 − x̂_0_prev) / (2r); the weight is chosen as a scalar, so that the first and last
@@ -150,8 +150,8 @@ class DPMSolverPP2M(Sampler):
         return alpha * f32(x0) + (sigma * alpha) * f32(noise)
 
     def predict_x0(self, schedule, plan, i, x, model_output):
-        alpha, sigma_t, _ = _alpha_sigma_lambda(jnp.asarray(plan.sigmas)[i])
-        return _x0(schedule, f32(model_output), f32(x), alpha, sigma_t)
+        alpha, sigma_t, _ = alpha_sigma_lambda(jnp.asarray(plan.sigmas)[i])
+        return x0_from_output(schedule, f32(model_output), f32(x), alpha, sigma_t)
 
     def init_state(self, x):
         return {"x0": jnp.zeros(x.shape, jnp.float32)}

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.samplers.base import f32
-from sdjax.samplers.dpm_solver import DPMSolverPP2M, _alpha_sigma_lambda, _x0
+from sdjax.samplers.dpm_solver import DPMSolverPP2M, alpha_sigma_lambda, x0_from_output
 
 
 def unipc_coefficients(sigmas: np.ndarray) -> np.ndarray:
@@ -70,10 +70,10 @@ def unipc_step(schedule, model_output, x, state, sigmas, coeffs, corrects):
     Shapes: model_output, x (B, ...) → (x_{i+1} in model_output's dtype, state).
     """
     x = f32(x)
-    _, sigma_p, lambda_p = _alpha_sigma_lambda(sigmas[0])
-    alpha_i, sigma_i, lambda_i = _alpha_sigma_lambda(sigmas[1])
-    alpha_n, sigma_n, lambda_n = _alpha_sigma_lambda(sigmas[2])
-    m = _x0(schedule, f32(model_output), x, alpha_i, sigma_i)
+    _, sigma_p, lambda_p = alpha_sigma_lambda(sigmas[0])
+    alpha_i, sigma_i, lambda_i = alpha_sigma_lambda(sigmas[1])
+    alpha_n, sigma_n, lambda_n = alpha_sigma_lambda(sigmas[2])
+    m = x0_from_output(schedule, f32(model_output), x, alpha_i, sigma_i)
     m1, m2 = state["x0"][0], state["x0"][1]
 
     # UniC: t_{i−1} → t_i again, with m_i
