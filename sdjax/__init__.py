@@ -29,6 +29,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.latents       pixels ↔ latents through the VAE, whole or tiled
     sdjax.images        images, masks and latents a user passes in, checked
     sdjax.img2img       image to image (SDEdit) and inpainting: where the chain starts, what it keeps
+    sdjax.hires         hires fix: draw small, enlarge, redraw with img2img (the web UIs' two passes)
     sdjax.pipeline      StableDiffusion: text to image, image to image, inpainting
     sdjax.tiny_sd       the small text-to-image model trained from scratch and bundled with sdjax
     sdjax.lora          LoRA layers and files (diffusers/peft and kohya)

@@ -209,7 +209,7 @@ def _run_metadata(args: argparse.Namespace, sampler: str, width: int, height: in
         "prompt_syntax": args.prompt_syntax,
         "truncate_prompts": str(args.truncate_prompts),
         "sdjax_version": __version__,
-    }
+    } | ({"controlnet": ";".join(args.controlnet), "control": ";".join(args.control)} if args.controlnet else {})
 
 
 def _options(args: argparse.Namespace, sampler: str) -> dict:
@@ -231,13 +231,30 @@ def txt2img(args: argparse.Namespace) -> int:
     prompts, sampler = _checked_settings(args)
     pipe = _load_pipeline(args)
     _add_finetuned(args, pipe)
+    control = _control(args, pipe)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = args.H or native, args.W or native
+    if control:  # without --H/--W, the condition image's size (as diffusers)
+        native_w, native_h = control["control_image"][0].size
+    else:
+        native_w = native_h = native
+    height, width = args.H or native_h, args.W or native_w
 
     def draw(prompt: str, seed: int) -> list:
-        return pipe(prompt, height=height, width=width, seed=seed, **_options(args, sampler))
+        if args.hires:
+            from sdjax.hires import hires_fix
 
-    return _generate(args, prompts, draw, _run_metadata(args, sampler, width, height))
+            scale, strength = args.hires
+            options = _options(args, sampler)
+            return hires_fix(pipe, prompt, height=height, width=width, scale=scale, strength=strength, seed=seed,
+                             **options)  # fmt: skip
+        return pipe(prompt, height=height, width=width, seed=seed, **_options(args, sampler), **control)
+
+    run = _run_metadata(args, sampler, width, height)
+    if args.hires:
+        if control:
+            raise ValueError("--hires with --controlnet: the condition image fits one of the two passes only")
+        run |= {"hires": f"{args.hires[0]:g}:{args.hires[1]:g}"}
+    return _generate(args, prompts, draw, run)
 
 
 def _add_finetuned(args: argparse.Namespace, pipe) -> None:
@@ -250,18 +267,49 @@ def _add_finetuned(args: argparse.Namespace, pipe) -> None:
         print(f"LoRA {path} ({report['format']} layout) at strength {float(scale):g}")
 
 
-def _read_init_image(path: str | None):
+def _control(args: argparse.Namespace, pipe) -> dict:
+    """--controlnet/--control: the pipeline's ControlNet options (none without the flags)."""
+    from sdjax.convert import load_controlnet
+
+    nets, images = args.controlnet or [], args.control or []
+    if len(nets) != len(images):
+        raise ValueError(
+            f"{len(nets)} --controlnet and {len(images)} --control: give one condition image per ControlNet"
+        )
+    if not nets:
+        return {}
+    paths, scales = [], []
+    for spec in nets:
+        path, _, scale = spec.rpartition(":") if re.fullmatch(r".+:[0-9.]+", spec) else (spec, "", "1")
+        paths.append(path)
+        scales.append(float(scale))
+    controlnets = []
+    for path, scale in zip(paths, scales):
+        controlnets.append(load_controlnet(path, dtype=pipe.dtype))
+        print(f"ControlNet {path} at scale {scale:g}")
+    return {
+        "controlnet": controlnets,
+        "control_image": [_read_image(path, "control image") for path in images],
+        "controlnet_conditioning_scale": scales,
+    }
+
+
+def _read_image(path: str, what: str):
     from PIL import Image
 
-    if path is None:
-        raise ValueError("--init-img is required: the image to start from")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no such init image: {path}")
+        raise FileNotFoundError(f"no such {what}: {path}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as e:
         raise ValueError(f"{path} could not be read as an image ({e})") from e
+
+
+def _read_init_image(path: str | None):
+    if path is None:
+        raise ValueError("--init-img is required: the image to start from")
+    return _read_image(path, "init image")
 
 
 def _fit(image, multiple: int):
@@ -289,9 +337,10 @@ def img2img(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args)
     _add_finetuned(args, pipe)
     image = _fit(image, pipe.size_multiple)
+    control = _control(args, pipe)
 
     def draw(prompt: str, seed: int) -> list:
-        return pipe.img2img(prompt, image, strength=args.strength, seed=seed, **_options(args, sampler))
+        return pipe.img2img(prompt, image, strength=args.strength, seed=seed, **_options(args, sampler), **control)
 
     run = _run_metadata(args, sampler, *image.size) | {"init_image": args.init_img, "strength": str(args.strength)}
     return _generate(args, prompts, draw, run)
@@ -365,6 +414,23 @@ def add_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
     )
     p.add_argument("--lora", metavar="PATH[:SCALE]", help="a LoRA file (diffusers or kohya) at strength SCALE (1)")
     p.add_argument("--embedding", metavar="PATH", action="append", help="a textual-inversion embedding (repeatable)")
+    p.add_argument(
+        "--controlnet",
+        metavar="PATH[:SCALE]",
+        action="append",
+        help="a ControlNet (diffusers folder or single file) at conditioning scale SCALE (1); repeatable, "
+        "each with its --control",
+    )
+    p.add_argument("--control", metavar="IMAGE", action="append", help="the condition image of each --controlnet")
+
+
+def _hires(spec: str) -> tuple[float, float]:
+    """--hires SCALE[:STRENGTH] → (scale, strength); strength 0.55 by default."""
+    scale, _, strength = spec.partition(":")
+    try:
+        return float(scale), float(strength or 0.55)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hires {spec!r}: expected SCALE[:STRENGTH], e.g. 2 or 2:0.5") from None
 
 
 def add_commands(sub) -> None:
@@ -381,6 +447,12 @@ def add_commands(sub) -> None:
     add_arguments(p, "outputs/txt2img-samples")
     p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, 512 for SD1.x)")
     p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument(
+        "--hires",
+        type=_hires,
+        metavar="SCALE[:STRENGTH]",
+        help="hires fix: draw at --H×--W, enlarge SCALE times, redraw with img2img at STRENGTH (0.55)",
+    )
     p.set_defaults(func=txt2img)
 
     p = sub.add_parser(

@@ -60,6 +60,7 @@ def test_strip_solutions_command(tmp_path):
         assert "# BEGIN SOLUTION" not in code and "YOUR CODE HERE" in code, path.name
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_train_ddpm_quick_writes_loadable_weights(tmp_path, capsys):
     from sdjax import pretrained
 

@@ -209,6 +209,49 @@ def test_web_ui_sampler_names(model, tmp_path):
     np.testing.assert_array_equal(regenerate(meta), karras)
 
 
+def test_controlnet_flags(model, tmp_path):
+    """--controlnet PATH:SCALE with --control IMAGE: the pipeline's ControlNet call (same pixels), the size taken
+    from the condition image, both recorded in the PNG (mismatched counts: test_input_errors_are_one_line)."""
+    from sdjax.convert import load_controlnet, save_controlnet
+    from sdjax.models.controlnet import ControlNet, ControlNetConfig
+
+    pipe = sdjax.StableDiffusion.from_pretrained(model)
+    cfg = ControlNetConfig(pipe.unet.config, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    folder = save_controlnet(random_module(ControlNet, cfg, np.random.default_rng(3)), tmp_path / "cn")
+    cond = np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(cond).save(tmp_path / "edges.png")
+    common = ["txt2img", "--ckpt", model, "--prompt", "a red bicycle", "--skip_grid", *STEPS, *FULL]
+    flags = ["--controlnet", f"{folder}:0.7", "--control", str(tmp_path / "edges.png")]
+    assert main([*common, "--outdir", str(tmp_path / "on"), *flags]) == 0
+    assert main([*common, "--outdir", str(tmp_path / "off")]) == 0
+    (on, meta), (off, _) = (read_png(tmp_path / d / "samples" / "00000.png") for d in ("on", "off"))
+    assert meta["controlnet"] == f"{folder}:0.7" and meta["control"] == str(tmp_path / "edges.png")
+    want = pipe("a red bicycle", controlnet=load_controlnet(folder), control_image=cond / 255.0,
+                controlnet_conditioning_scale=0.7, num_inference_steps=2, scheduler="ddim", seed=42)[0]  # fmt: skip
+    np.testing.assert_array_equal(on, np.asarray(want))
+    assert np.abs(on.astype(int) - off).max() > 0
+
+
+def test_hires_fix(model, tmp_path):
+    """hires_fix = txt2img, Lanczos ×scale, img2img at strength; --hires SCALE:STRENGTH runs it and records it."""
+    from sdjax.hires import hires_fix
+
+    pipe = sdjax.StableDiffusion.from_pretrained(model)
+    kwargs = dict(num_inference_steps=2, scheduler="ddim", seed=42)
+    got = hires_fix(pipe, "a red bicycle", scale=1.5, strength=0.5, output_type="np", **kwargs)
+    assert got.shape == (1, 48, 48, 3)
+    small = pipe("a red bicycle", output_type="pil", **kwargs)[0].resize((48, 48), Image.LANCZOS)
+    want = pipe.img2img(["a red bicycle"], np.asarray(small, np.float32)[None] / 255.0, strength=0.5, output_type="np",
+                        **kwargs)  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="enlarge by more than 1"):
+        hires_fix(pipe, "a red bicycle", scale=1.0)
+    common = ["txt2img", "--ckpt", model, "--prompt", "a red bicycle", "--skip_grid", *STEPS, *FULL]
+    assert main([*common, "--outdir", str(tmp_path), "--hires", "1.5:0.5"]) == 0
+    image, meta = read_png(tmp_path / "samples" / "00000.png")
+    assert image.shape == (48, 48, 3) and meta["hires"] == "1.5:0.5"
+
+
 def test_img2img(model, tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (37, 50, 3), np.uint8)).save(tmp_path / "init.png")
@@ -256,6 +299,8 @@ def test_input_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
         "--n_samples must be at least 1, got 0": [*run, "--n_samples", "0"],
         "--n_rows must be at least 1, got -1": [*run, "--n_rows", "-1"],
         "VAE tile size 20: use a multiple of 32": [*run, "--vae-tiling", "20"],
+        "1 --controlnet and 0 --control: give one condition image per ControlNet": [*run, "--controlnet", "cn"],
+        "no ControlNet at ": [*run, "--controlnet", str(tmp_path / "no-cn"), "--control", "x.png"],
     }
     for message, args in cases.items():
         code, err = run_error(capsys, args)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+pytestmark = pytest.mark.slow  # a tool's check, moved from the default run to keep it under 12 min (docs/testing.md)
+
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "memory.py"
 
 

@@ -261,6 +261,7 @@ FIRST_IMAGE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # moved from the default run to keep it under 12 min on 2 cores (docs/testing.md)
 def test_a_second_process_reads_every_program_from_the_cache(tmp_path):
     """Two fresh processes make the same image with sdjax.speed.enable_compilation_cache(path): the first
     compiles and writes every program, the second reads them all back and compiles none. (The time to
