@@ -62,7 +62,7 @@ def prepare(controlnets, control_image, opts, evaluations: int, n: int, size: tu
     if m > 1 and not (isinstance(control_image, (list, tuple)) and len(control_image) == m):
         raise ValueError(f"{m} ControlNets need a list of {m} control images (one image or batch per ControlNet)")
     loaded = [images.load_images(image) for image in (control_image if m > 1 else [control_image])]
-    size = size or loaded[0].shape[1:3]
+    size = tuple(given or own for given, own in zip(size or (None, None), loaded[0].shape[1:3]))
     per_prompt, copies = n // opts.num_images_per_prompt, opts.num_images_per_prompt
     batch = []
     for k, (pixels, cn) in enumerate(zip(loaded, controlnets)):

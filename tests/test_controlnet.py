@@ -113,7 +113,10 @@ def test_from_unet_starts_as_the_unet(setup):
     down, mid = cn(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context), jnp.asarray(cond))
     assert all(not np.any(d) for d in down) and not np.any(mid)
     np.testing.assert_array_equal(cn.conv_in.kernel[...], pipe.unet.conv_in.kernel[...])
-    assert cn.conv_in.kernel[...] is not pipe.unet.conv_in.kernel[...]  # a copy, trained on its own
+    mid, unet_mid = cn.mid_block.resnets[0].conv1, pipe.unet.mid_block.resnets[0].conv1
+    np.testing.assert_array_equal(mid.kernel[...], unet_mid.kernel[...])
+    cn.conv_in.kernel[...] = cn.conv_in.kernel[...] + 1.0  # a copy, trained on its own: the UNet's stays put
+    assert not np.array_equal(cn.conv_in.kernel[...], pipe.unet.conv_in.kernel[...])
 
 
 def test_folder_and_single_file_layouts(setup, tmp_path):
