@@ -282,11 +282,14 @@ class TextToLatent(nnx.Module):
         return self.unet(z_t.astype(context.dtype), t, context)
 
 
-def conditional_diffusion_loss(schedule: NoiseSchedule, empty_ids: np.ndarray, dropout: float):
+def conditional_diffusion_loss(
+    schedule: NoiseSchedule, empty_ids: np.ndarray, dropout: float, inputs: tuple[str, ...] = ()
+):
     """L_simple with caption dropout, in ``fit``'s form: batch {"latent": z_0 (B, h, w, 4) scaled,
     "ids": (B, 77)}; each caption is replaced by the empty prompt's ``empty_ids`` with probability ``dropout``.
     An optional "weight" (B,) weighs each example's squared error (DreamBooth's prior-preservation λ):
-    L = mean_i w_i ‖ε_i − ε̂_i‖² / (h·w·4)."""
+    L = mean_i w_i ‖ε_i − ε̂_i‖² / (h·w·4). ``inputs``: names of further batch entries the model takes after
+    the ids (a ControlNet's condition image, :mod:`sdjax.controlnet_training`)."""
     empty = jnp.asarray(empty_ids, jnp.int32)
 
     def loss_fn(model: TextToLatent, batch, key):
@@ -296,7 +299,7 @@ def conditional_diffusion_loss(schedule: NoiseSchedule, empty_ids: np.ndarray, d
         ids = jnp.where(drop, empty[None], ids)
         t = jax.random.randint(key_t, (z0.shape[0],), 0, schedule.num_train_timesteps)
         eps = jax.random.normal(key_eps, z0.shape, jnp.float32)
-        prediction = model(q_sample(schedule, z0, t, eps), t, ids)
+        prediction = model(q_sample(schedule, z0, t, eps), t, ids, *(batch[name] for name in inputs))
         error = (prediction.astype(jnp.float32) - training_target(schedule, z0, t, eps)) ** 2
         if "weight" not in batch:
             return jnp.mean(error), {}

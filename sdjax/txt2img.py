@@ -40,6 +40,7 @@ from pathlib import Path
 COMPVIS_PROMPT = "a painting of a virus monster playing guitar"  # txt2img.py's default
 BUNDLED_PROMPT = "a large red circle at the top left and a small blue star at the bottom right on a white background"
 PRECISIONS = {"full": "float32", "autocast": "bfloat16"}  # CompVis's --precision → the networks' dtype
+PREPROCESSORS = ("none", "canny", "scribble", "threshold")  # --preprocess: sdjax.preprocessors' functions
 SAMPLE_NAME, GRID_NAME = r"(\d{5})\.png", r"grid-(\d{4})\.png"  # outdir/samples/00000.png, outdir/grid-0000.png
 
 
@@ -209,7 +210,9 @@ def _run_metadata(args: argparse.Namespace, sampler: str, width: int, height: in
         "prompt_syntax": args.prompt_syntax,
         "truncate_prompts": str(args.truncate_prompts),
         "sdjax_version": __version__,
-    } | ({"controlnet": ";".join(args.controlnet), "control": ";".join(args.control)} if args.controlnet else {})
+    } | ({"controlnet": ";".join(args.controlnet), "control": ";".join(args.control)} if args.controlnet else {}) | (
+        {"preprocess": ";".join(args.preprocess)} if args.controlnet and args.preprocess else {}
+    )
 
 
 def _options(args: argparse.Namespace, sampler: str) -> dict:
@@ -283,15 +286,32 @@ def _control(args: argparse.Namespace, pipe) -> dict:
         path, _, scale = spec.rpartition(":") if re.fullmatch(r".+:[0-9.]+", spec) else (spec, "", "1")
         paths.append(path)
         scales.append(float(scale))
+    steps = args.preprocess or ["none"]
+    if len(steps) not in (1, len(images)):
+        raise ValueError(f"{len(steps)} --preprocess for {len(images)} --control: give one, or one per --control")
+    steps = steps * len(images) if len(steps) == 1 else steps
     controlnets = []
     for path, scale in zip(paths, scales):
         controlnets.append(load_controlnet(path, dtype=pipe.dtype))
         print(f"ControlNet {path} at scale {scale:g}")
     return {
         "controlnet": controlnets,
-        "control_image": [_read_image(path, "control image") for path in images],
+        "control_image": [_preprocess(_read_image(path, "control image"), s) for path, s in zip(images, steps)],
         "controlnet_conditioning_scale": scales,
     }
+
+
+def _preprocess(image, name: str):
+    """--preprocess NAME: the control image made from a photo by :mod:`sdjax.preprocessors` (or as it is)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdjax import preprocessors
+
+    if name == "none":
+        return image
+    made = getattr(preprocessors, name)(image)[0]
+    return Image.fromarray(np.round(made * 255.0).astype(np.uint8))
 
 
 def _read_image(path: str, what: str):
@@ -422,6 +442,13 @@ def add_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
         "each with its --control",
     )
     p.add_argument("--control", metavar="IMAGE", action="append", help="the condition image of each --controlnet")
+    p.add_argument(
+        "--preprocess",
+        choices=PREPROCESSORS,
+        action="append",
+        help="make each --control image from a picture first (sdjax.preprocessors): canny edges, scribble strokes, "
+        "a threshold mask; one for all, or one per --control (default none: the image is the condition)",
+    )
 
 
 def _hires(spec: str) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from flax import nnx
 from PIL import Image
 
 import sdjax
-from sdjax import convert, tiny_sd
+from sdjax import convert, preprocessors, tiny_sd
 from sdjax.cli import main
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
@@ -230,6 +230,13 @@ def test_controlnet_flags(model, tmp_path):
                 controlnet_conditioning_scale=0.7, num_inference_steps=2, scheduler="ddim", seed=42)[0]  # fmt: skip
     np.testing.assert_array_equal(on, np.asarray(want))
     assert np.abs(on.astype(int) - off).max() > 0
+    # --preprocess canny: the condition is the picture's Canny edges (sdjax.preprocessors), recorded too
+    assert main([*common, "--outdir", str(tmp_path / "canny"), *flags, "--preprocess", "canny"]) == 0
+    edged, meta = read_png(tmp_path / "canny" / "samples" / "00000.png")
+    assert meta["preprocess"] == "canny"
+    want = pipe("a red bicycle", controlnet=load_controlnet(folder), control_image=preprocessors.canny(cond / 255.0),
+                controlnet_conditioning_scale=0.7, num_inference_steps=2, scheduler="ddim", seed=42)[0]  # fmt: skip
+    np.testing.assert_array_equal(edged, np.asarray(want))
 
 
 def test_hires_fix(model, tmp_path):
@@ -301,6 +308,10 @@ def test_input_errors_are_one_line(model, tmp_path, capsys, monkeypatch):
         "VAE tile size 20: use a multiple of 32": [*run, "--vae-tiling", "20"],
         "1 --controlnet and 0 --control: give one condition image per ControlNet": [*run, "--controlnet", "cn"],
         "no ControlNet at ": [*run, "--controlnet", str(tmp_path / "no-cn"), "--control", "x.png"],
+        "2 --preprocess for 1 --control: give one, or one per --control": [
+            *(*run, "--controlnet", "cn", "--control", "x.png"),
+            *("--preprocess", "canny", "--preprocess", "threshold"),
+        ],
     }
     for message, args in cases.items():
         code, err = run_error(capsys, args)

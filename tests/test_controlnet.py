@@ -1,6 +1,6 @@
 """ControlNet against diffusers: the model (``ControlNetModel``), its two on-disk layouts, and the pipeline
 (``StableDiffusionControlNetPipeline``, one and several ControlNets, guess mode, start/end of control;
-the img2img variant).
+the img2img and inpaint variants).
 
 The tiny SD1-style pipeline of tests.helpers gets ControlNets made as diffusers' ``from_unet`` makes them
 (the UNet's encoder copied), with a 4-level condition embedding of a few channels (so 32-pixel condition
@@ -287,3 +287,45 @@ def test_img2img_with_control_matches_diffusers(setup, monkeypatch):
     compare(pipe, theirs, lambda output_type: pipe.img2img(
         PROMPTS, image, controlnet=ours[0], control_image=cond, scheduler="ddim", noise=noise, vae_noise=vae_noise,
         output_type=output_type, **common), "img2img")  # fmt: skip
+
+
+@pytest.mark.parametrize("in_channels, scheduler, strength", [(9, "ddim", 1.0), (4, "dpmpp_2m", 0.75)])
+def test_inpaint_with_control_matches_diffusers(setup, monkeypatch, tmp_path, in_channels, scheduler, strength):
+    """StableDiffusionControlNetInpaintPipeline: an inpainting UNet (9 input channels; the ControlNet reads
+    the 4 latent channels only) and an ordinary one (latent blending), our ε's handed to diffusers."""
+    reference, pipe, refs, ours, _ = setup
+    if in_channels == 9:
+        reference = tiny_pipeline(tmp_path, in_channels=9)  # the same blocks: the ControlNet fits it
+        pipe = sdjax.StableDiffusion.from_pretrained(tmp_path / "model")
+    cond, image = condition_images(seed=5), condition_images(n=1, seed=6)
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[5:21, 10:28] = 1.0
+    noise = np.random.default_rng(9).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    vae_noise = np.random.default_rng(10).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    for module, array in (("models.autoencoders.vae", vae_noise),
+                          ("pipelines.controlnet.pipeline_controlnet_inpaint", noise)):  # fmt: skip
+        monkeypatch.setattr(
+            f"diffusers.{module}.randn_tensor", lambda shape, *a, array=array, **k: torch.from_numpy(array[: shape[0]])
+        )
+    ref_pipe = reference_pipeline(reference, refs[0], scheduler, diffusers.StableDiffusionControlNetInpaintPipeline)
+    # (explicit: this diffusers pipeline's default scale is 0.5)
+    common = dict(negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=7.5, strength=strength,
+                  controlnet_conditioning_scale=1.0)  # fmt: skip
+
+    def theirs(output_type):
+        with torch.no_grad():
+            out = ref_pipe(PROMPTS, image=torch.from_numpy(nchw(image)), mask_image=torch.from_numpy(mask[None, None]),
+                           control_image=torch.from_numpy(nchw(cond)), height=SIZE, width=SIZE,
+                           output_type=output_type, **common).images  # fmt: skip
+        return out.numpy() if output_type == "latent" else out
+
+    vae_noise = np.repeat(vae_noise[:1], 2, axis=0)  # diffusers encodes the one image once
+
+    def ours_(output_type, **control):
+        return pipe.inpaint(PROMPTS, image, mask, scheduler=scheduler, noise=noise, vae_noise=vae_noise,
+                            output_type=output_type, **common, **control)  # fmt: skip
+
+    got = compare(pipe, theirs, lambda output_type: ours_(output_type, controlnet=ours[0], control_image=cond),
+                  f"inpaint, {in_channels}-channel UNet, {scheduler}")  # fmt: skip
+    without = ours_("np")
+    assert float(np.max(np.abs(got - without))) > 1e-2  # the ControlNet changed the images
