@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
 
-from sdjax import preprocessors
+from sdjax import convert, preprocessors
 from sdjax.models.controlnet import ControlNet, ControlNetConfig
 from sdjax.pipeline import StableDiffusion
 from sdjax.tiny_sd import conditional_diffusion_loss, encode_means
@@ -118,3 +120,61 @@ def train(
         trainable=nnx.All(nnx.Param, nnx.PathContains("controlnet")),
     )
     return controlnet, result
+
+
+CANNY_SHAPES = Path(__file__).parent / "weights" / "controlnet-canny-shapes"
+
+
+def load_canny_shapes(dtype=None) -> ControlNet:
+    """The shipped Canny ControlNet of the bundled model (:func:`main` made it; its ``train_info.json`` says
+    how), its float16 weights loaded in ``dtype`` (default float32)."""
+    return convert.load_controlnet(CANNY_SHAPES, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sdjax.controlnet_training``: train the shipped Canny ControlNet of the bundled model
+    (sdjax/weights/tiny-sd-shapes) on fresh ``shapes`` scenes and their Canny edges, and write it in float16
+    with ``train_info.json`` (the run's settings, loss, time, device)."""
+    import argparse
+    import datetime
+    import json
+    import time
+
+    from sdjax import tiny_sd
+    from sdjax.data import make_shapes
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", default=str(CANNY_SHAPES), help="the folder to write (a diffusers ControlNetModel)")
+    parser.add_argument("--images", type=int, default=8000, help="training scenes (64 px, 1–2 objects)")
+    parser.add_argument("--data-seed", type=int, default=11, help="seed of the scenes (the bundle's own is 0)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--checkpoint", help="resume from and save to this file")
+    args = parser.parse_args(argv)
+    start = time.time()
+    pipe = StableDiffusion.from_pretrained(tiny_sd.BUNDLE)
+    scenes = make_shapes(args.images, resolution=64, seed=args.data_seed)
+    data = training_data(pipe, np.asarray(scenes.images), list(scenes.captions))
+    config = ControlNetTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    controlnet, result = train(pipe, data, config, checkpoint=args.checkpoint)
+    folder = convert.save_controlnet(controlnet, args.out, dtype="float16")
+    device = jax.devices()[0]
+    info = {
+        "base": "tiny-sd-shapes (sdjax/weights/tiny-sd-shapes)",
+        "condition": "Canny edges, sdjax.preprocessors.canny (OpenCV's defaults 100/200)",
+        "images": args.images,
+        "data_seed": args.data_seed,
+        **dataclasses.asdict(config),
+        "final_loss": float(np.mean(result.history["loss"][-200:])),
+        "minutes": round((time.time() - start) / 60, 1),
+        "device": f"{device.platform}: {device.device_kind} ×{jax.device_count()}",
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m sdjax.controlnet_training " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    (folder / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {folder}: {info}")
+
+
+if __name__ == "__main__":
+    main()

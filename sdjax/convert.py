@@ -283,10 +283,14 @@ def load_controlnet(path: str | os.PathLike, dtype=None, *, unet: UNetConfig | N
     return model
 
 
-def save_controlnet(model: ControlNet, folder: str | os.PathLike) -> Path:
-    """Write a ControlNet as a diffusers ``ControlNetModel`` folder (what :func:`load_controlnet` reads)."""
+def save_controlnet(model: ControlNet, folder: str | os.PathLike, dtype=None) -> Path:
+    """Write a ControlNet as a diffusers ``ControlNetModel`` folder (what :func:`load_controlnet` reads), its
+    weights in ``dtype`` (default: as they are; "float16" halves the file, loading casts back)."""
     folder = Path(folder)
-    _write_component(folder, model.controlnet_config.to_diffusers(), state_dict(model), WEIGHT_FILES[0])
+    weights = state_dict(model)
+    if dtype is not None:
+        weights = {k: v.astype(jnp.dtype(dtype)) for k, v in weights.items()}
+    _write_component(folder, model.controlnet_config.to_diffusers(), weights, WEIGHT_FILES[0])
     return folder
 
 

@@ -50,7 +50,7 @@ CONFIGS = {
     "linspace": SD15_CONFIG | {"timestep_spacing": "linspace"},
 }
 
-# the samplers with a diffusers scheduler (dpmpp_2s_a has none: tests/test_samplers_kdiffusion.py)
+# the samplers with a diffusers scheduler (dpmpp_2s_a and dpmpp_3m_sde: tests/test_samplers_kdiffusion.py)
 DIFFUSERS_SAMPLERS = tuple(name for name in SAMPLERS if CLASSES[name].diffusers_class)
 TWO_STAGE = ("dpmpp_sde",)  # diffusers lists σ_{k+1} twice where the plan has the midpoint σ
 
@@ -363,7 +363,7 @@ def test_bf16_model_outputs_are_stepped_in_float32(sampler):
 
 def test_invalid_samplers_are_refused():
     with pytest.raises(ValueError, match="expected one of"):
-        make("dpmpp_3m_sde")
+        make("deis")
     with pytest.raises(ValueError, match="Karras"):
         make("euler_a", karras=True)  # EulerAncestralDiscreteScheduler has no use_karras_sigmas
     with pytest.raises(ValueError, match="eta"):

@@ -1,4 +1,4 @@
-"""Twelve samplers, each reproducing a diffusers scheduler (``X.from_config(config)``) or, where diffusers
+"""Thirteen samplers, each reproducing a diffusers scheduler (``X.from_config(config)``) or, where diffusers
 has none, k-diffusion's function; one class each.
 
     name          diffusers class (or reference)               evaluations  idea
@@ -14,6 +14,7 @@ has none, k-diffusion's function; one class each.
     dpmpp_sde     DPMSolverSDEScheduler                        2N − 1       2-stage DPM-Solver++, Brownian noise
     dpmpp_2s_a    (k-diffusion's sample_dpmpp_2s_ancestral)    2N − 1       DPM-Solver++(2S) + ancestral noise
     unipc         UniPCMultistepScheduler                      N            predictor–corrector UniP-2/UniC-2
+    dpmpp_3m_sde  (k-diffusion's sample_dpmpp_3m_sde)          N            DPM-Solver++(3M) on the reverse SDE
 
 The web UIs' names (AUTOMATIC1111: "DPM++ 2M Karras", "Euler a", …) are in :data:`A1111_NAMES`;
 :func:`resolve` turns one into a sampler name and a Karras setting, and the pipeline's ``scheduler``
@@ -51,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 
 from sdjax.samplers.base import Chain, Plan, Sampler
-from sdjax.samplers.dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE, dpmpp_2m_step
+from sdjax.samplers.dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP3MSDE, dpmpp_2m_step
 from sdjax.samplers.sigma import (
     LMS,
     Euler,
@@ -77,7 +78,7 @@ CLASSES: dict[str, type[Sampler]] = {
     cls.name: cls
     for cls in (
         *(DDPM, DDIM, PLMS, Euler, EulerAncestral, DPMSolverPP2M, LMS, Heun),
-        *(DPMSolverPP2MSDE, DPMSolverPPSDE, DPMSolverPP2SAncestral, UniPC),
+        *(DPMSolverPP2MSDE, DPMSolverPPSDE, DPMSolverPP2SAncestral, UniPC, DPMSolverPP3MSDE),
     )
 }
 SAMPLERS = tuple(CLASSES)

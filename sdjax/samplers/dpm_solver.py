@@ -1,5 +1,6 @@
 """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095): diffusers' ``DPMSolverMultistepScheduler`` with its
-defaults (algorithm_type="dpmsolver++", solver_order=2), and its SDE variant (algorithm_type="sde-dpmsolver++").
+defaults (algorithm_type="dpmsolver++", solver_order=2), and its SDE variant (algorithm_type="sde-dpmsolver++");
+and DPM-Solver++(3M) SDE as k-diffusion has it (:func:`dpmpp_3m_sde_step`, on the σ samplers' x_0 + σ ε).
 
 It works on the VP sample x itself, as the DDPM-style samplers do, but plans in σ, as the σ samplers do
 (:mod:`sdjax.samplers.sigma`): in the paper's notation α_t = √ᾱ_t = 1/√(σ² + 1), σ_t = √(1 − ᾱ_t) = σ α_t.
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.samplers.base import Plan, Sampler, f32
-from sdjax.samplers.sigma import karras_sigmas, sigma_table, sigma_to_t
+from sdjax.samplers.sigma import SigmaSampler, denoised, karras_sigmas, sigma_table, sigma_to_t
 from sdjax.schedulers import NoiseSchedule, timesteps
 
 Array = jax.Array
@@ -175,3 +176,68 @@ class DPMSolverPP2MSDE(DPMSolverPP2M):
     a1111_name = "DPM++ 2M SDE"
     needs_noise = True
     variant = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}
+
+
+def dpmpp_3m_sde_step(
+    schedule: NoiseSchedule, model_output: Array, x: Array, state: dict, sigma, sigma_next, order, noise: Array
+) -> tuple[Array, dict]:
+    """One step of DPM-Solver++(3M) SDE as k-diffusion's ``sample_dpmpp_3m_sde`` (η = 1) runs it — the
+    "DPM++ 3M SDE" of the web UIs — on x = x_0 + σ ε (the σ samplers' form, not the VP sample).
+
+    With h = log σ − log σ_next (λ = −log σ) and the denoiser's outputs D, D₁, D₂ at this step and the
+    two before (steps h₁, h₂ long), the SDE's exponential integrator with D expanded in λ:
+
+        x' = e^{−2h} x + (1 − e^{−2h}) D + φ₂ d₁ − φ₃ d₂ + σ_next √(1 − e^{−2h}) z,
+        r₀ = h₁/h, r₁ = h₂/h,  d₁,₀ = (D − D₁)/r₀,  d₁,₁ = (D₁ − D₂)/r₁,
+        d₁ = d₁,₀ + r₀/(r₀ + r₁) (d₁,₀ − d₁,₁),  d₂ = (d₁,₀ − d₁,₁)/(r₀ + r₁),
+        φ₂ = 1 − (1 − e^{−2h})/(2h),  φ₃ = φ₂/(2h) − ½,
+
+    (d₁ ≈ h D′ and d₂ ≈ h² D″/2 in λ). ``order`` () int: 1 on the first step (no history), 2 on the
+    second (the d₁ term only, with d = (D − D₁)/r₀), 3 after. The step to σ = 0 is x' = D.
+
+    diffusers' DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++") is not this
+    method: its D₂ weight, (1 − e^{−2h} − 2h)/(2h)² − ½, tends to −1 (not 0) as h → 0, and it takes the
+    second-order step by the midpoint rule (docs/samplers.md), so sdjax follows k-diffusion here.
+
+    state: {"D": (2, B, ...) the last two D's, "h": (2,) their steps h₁, h₂}. Shapes: model_output, x,
+    noise (B, ...); sigma, sigma_next () → (x_next in model_output's dtype, state).
+    """
+    x, D = f32(x), denoised(schedule, model_output, x, sigma)
+    D1, D2 = state["D"][0], state["D"][1]
+    h1, h2 = state["h"][0], state["h"][1]
+    last = sigma_next == 0
+    safe_next = jnp.where(last, 1.0, sigma_next)
+    h = jnp.log(sigma) - jnp.log(safe_next)
+    h_eta = 2.0 * h
+    x_next = jnp.exp(-h_eta) * x - jnp.expm1(-h_eta) * D
+    phi_2 = jnp.expm1(-h_eta) / h_eta + 1.0
+    # third order (the weights as scalars, so that the unused branches never reach the arrays)
+    r0, r1 = h1 / h, h2 / h
+    d1_0, d1_1 = (D - D1) / jnp.where(order >= 2, r0, 1.0), (D1 - D2) / jnp.where(order >= 3, r1, 1.0)
+    d1 = d1_0 + (d1_0 - d1_1) * jnp.where(order >= 3, r0 / (r0 + r1), 0.0)
+    d2 = (d1_0 - d1_1) * jnp.where(order >= 3, 1.0 / (r0 + r1), 0.0)
+    phi_3 = phi_2 / h_eta - 0.5
+    x_next = x_next + jnp.where(order >= 2, phi_2, 0.0) * d1 - jnp.where(order >= 3, phi_3, 0.0) * d2
+    x_next = x_next + f32(noise) * (safe_next * jnp.sqrt(-jnp.expm1(-2.0 * h)))
+    x_next = jnp.where(last, D, x_next)
+    new_state = {"D": jnp.stack([D, D1]), "h": jnp.stack([h, h1])}
+    return x_next.astype(model_output.dtype), new_state
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverPP3MSDE(SigmaSampler):
+    """DPM-Solver++(3M) SDE (:func:`dpmpp_3m_sde_step`) on the σ samplers' plan (Euler's σ's, Karras or not)."""
+
+    name = "dpmpp_3m_sde"
+    diffusers_class = None  # diffusers' 3M SDE is another method (dpmpp_3m_sde_step): tested against k-diffusion
+    a1111_name = "DPM++ 3M SDE"
+    needs_noise = True
+
+    def init_state(self, x):
+        return {"D": jnp.zeros((2, *x.shape), jnp.float32), "h": jnp.ones((2,), jnp.float32)}
+
+    def step(self, schedule, plan, i, model_output, x, state, noise=None):
+        self._require(noise)
+        sigma, sigma_next = self._sigmas(plan, i)
+        order = jnp.minimum(jnp.asarray(i), 2) + 1
+        return dpmpp_3m_sde_step(schedule, model_output, x, state, sigma, sigma_next, order, noise)
