@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         "data_seed": args.data_seed,
         **dataclasses.asdict(config),
         "final_loss": float(np.mean(result.history["loss"][-200:])),
+        "loss_per_50_steps": [round(float(np.mean(chunk)), 5) for chunk in np.array_split(
+            np.asarray(result.history["loss"]), max(1, len(result.history["loss"]) // 50))],  # fmt: skip
         "minutes": round((time.time() - start) / 60, 1),
         "device": f"{device.platform}: {device.device_kind} ×{jax.device_count()}",
         "date": datetime.date.today().isoformat(),

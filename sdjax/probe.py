@@ -82,10 +82,15 @@ class ShapesProbe(nnx.Module):
             config.hidden, CELLS * (len(WHAT) + len(data.COLOURS) + len(data.SIZES)) + len(data.BACKGROUNDS), rngs=rngs
         )
 
-    def __call__(self, x: Array) -> dict[str, Array]:
+    def features(self, x: Array) -> Array:
+        """The penultimate layer, what the heads read: images (N, H, W, 3) → (N, hidden). The features of
+        the domain FID (:func:`sdjax.metrics.fid`), as Inception's pool layer is FID's."""
         for layer in self.convs:
             x = nnx.silu(layer(x))
-        x = nnx.silu(self.hidden(x.reshape(x.shape[0], -1)))
+        return nnx.silu(self.hidden(x.reshape(x.shape[0], -1)))
+
+    def __call__(self, x: Array) -> dict[str, Array]:
+        x = self.features(x)
         out = self.heads(x)
         n = x.shape[0]
         sizes = [CELLS * len(WHAT), CELLS * len(data.COLOURS), CELLS * len(data.SIZES)]
