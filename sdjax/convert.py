@@ -294,6 +294,24 @@ def save_controlnet(model: ControlNet, folder: str | os.PathLike, dtype=None) ->
     return folder
 
 
+def load_vq(folder: str | os.PathLike, dtype=None):
+    """A diffusers ``VQModel`` folder (Würstchen's stage A, the LDM VQ-f4 autoencoders) as an sdjax
+    :class:`~sdjax.models.vq.VQModel`."""
+    from sdjax.models.vq import VQConfig, VQModel
+
+    folder = Path(folder)
+    model = abstract(VQModel, VQConfig.from_diffusers(_read_json(folder / "config.json")), dtype)
+    load_state_dict(model, _component_state_dict(folder), source=str(folder), consume=True)
+    return model
+
+
+def save_vq(model, folder: str | os.PathLike) -> Path:
+    """Write a :class:`~sdjax.models.vq.VQModel` as a diffusers ``VQModel`` folder."""
+    folder = Path(folder)
+    _write_component(folder, model.config.to_diffusers(), state_dict(model), WEIGHT_FILES[0])
+    return folder
+
+
 TEXT_ENCODERS = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
 
 
