@@ -9,16 +9,16 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.devices       data parallelism: a batch split over the local devices
     sdjax.train         the shared training loop: jitted step, EMA, checkpoints
     sdjax.io            safetensors save/load of pytrees and models
-    sdjax.models        Autoencoder, AutoencoderKL (the VAE), UNet2D (pixel DDPM and SD), CLIPTextModel
+    sdjax.models        Autoencoder, AutoencoderKL, VQModel, UNet2D (pixel DDPM and SD), CLIPTextModel, ControlNet
     sdjax.viz           grids, loss curves, latent-space pictures
     sdjax.interpolate   lerp and slerp between latents
     sdjax.schedulers    noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
-    sdjax.samplers      eight samplers as small classes (DDPM, DDIM, PLMS, Euler, Euler a, DPM++ 2M, LMS, Heun)
+    sdjax.samplers      thirteen samplers as small classes (DDIM, PLMS, Euler a, DPM++ 2M and SDE, UniPC, …)
     sdjax.chain         the denoising loop every model samples with (compiled, or step by step)
     sdjax.diffusion     the diffusion training loss; sampling a pixel model
     sdjax.pretrained    small trained models shipped with sdjax, and the recipes that made them
     sdjax.probe         the attribute probe that reads what a shapes image shows
-    sdjax.metrics       sample quality: nearest real images, held-out share, coverage, IoU
+    sdjax.metrics       sample quality: nearest real images, held-out share, coverage, IoU, the domain FID
     sdjax.tokenizer     CLIP's byte-level BPE tokenizer
     sdjax.prompts       prompts to text-encoder contexts: long prompts in chunks, weights applied
     sdjax.prompt_syntax the web UI's and compel's prompt weighting grammars
@@ -26,6 +26,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.convert       weights in and out: PyTorch names and layouts, diffusers folders, sdjax folders
     sdjax.compvis       CompVis single-file checkpoints (.ckpt/.safetensors)
     sdjax.control       ControlNet in the pipeline: condition images, per-step weights, residuals
+    sdjax.preprocessors condition images without a model: Canny edges, scribbles, thresholds, segmentation
     sdjax.latents       pixels ↔ latents through the VAE, whole or tiled
     sdjax.images        images, masks and latents a user passes in, checked
     sdjax.img2img       image to image (SDEdit) and inpainting: where the chain starts, what it keeps
@@ -36,6 +37,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.textual_inversion  learned token embeddings (diffusers and AUTOMATIC1111 files)
     sdjax.adapters      LoRA and textual inversion as pipeline methods
     sdjax.finetune      LoRA, textual inversion, DreamBooth and full fine-tuning
+    sdjax.controlnet_training  training a ControlNet on a frozen model; the shipped Canny ControlNet
     sdjax.speed         the compilation cache, compile counting, random SD-size weights
     sdjax.exercises     checks for the notebooks' exercises
     sdjax.editions      student editions of the notebooks (solutions out, reference figures kept)
