@@ -60,6 +60,21 @@ class AutoencoderConfig:
         """f: how many pixels along each side one latent cell stands for."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def diffusers_fields(self) -> dict:
+        """The encoder/decoder part of a diffusers autoencoder config.json (``AutoencoderKL``, ``VQModel``)."""
+        levels = len(self.block_out_channels)
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "mid_block_add_attention": self.mid_block_attention,
+        }
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(H/f, W/f, c) for an image of the given size; errors if f does not divide it."""
         f = self.downsample_factor

@@ -83,21 +83,12 @@ class VAEConfig(AutoencoderConfig):
 
     def to_diffusers(self) -> dict:
         """The diffusers ``AutoencoderKL`` config.json of this architecture."""
-        levels = len(self.block_out_channels)
         return {
             "_class_name": "AutoencoderKL",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * levels,
-            "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": self.layers_per_block,
-            "latent_channels": self.latent_channels,
-            "norm_num_groups": self.norm_num_groups,
+            **self.diffusers_fields(),
             "scaling_factor": self.scaling_factor,
             "use_quant_conv": self.use_quant_conv,
             "use_post_quant_conv": self.use_quant_conv,
-            "mid_block_add_attention": self.mid_block_attention,
             "force_upcast": self.force_upcast,
         }
 

@@ -76,23 +76,15 @@ class VQConfig(AutoencoderConfig):
         )
 
     def to_diffusers(self) -> dict:
-        levels = len(self.block_out_channels)
+        """The diffusers ``VQModel`` config.json of this architecture."""
         return {
             "_class_name": "VQModel",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * levels,
-            "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": self.layers_per_block,
+            **self.diffusers_fields(),
             "act_fn": "silu",
-            "latent_channels": self.latent_channels,
-            "norm_num_groups": self.norm_num_groups,
             "num_vq_embeddings": self.num_vq_embeddings,
             "vq_embed_dim": self.vq_embed_dim,
             "scaling_factor": self.scaling_factor,
             "norm_type": "group",
-            "mid_block_add_attention": self.mid_block_attention,
         }
 
 
