@@ -40,6 +40,7 @@ from sdjax.tiny_sd import conditional_diffusion_loss, encode_means
 from sdjax.train import FitResult, fit
 
 Array = jax.Array
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("controlnet"))  # what ``train`` moves in a ControlledUNet
 
 
 @dataclasses.dataclass
@@ -117,7 +118,7 @@ def train(
         checkpoint=checkpoint,
         progress=progress,
         desc="ControlNet",
-        trainable=nnx.All(nnx.Param, nnx.PathContains("controlnet")),
+        trainable=TRAINABLE,
     )
     return controlnet, result
 

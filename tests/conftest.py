@@ -32,11 +32,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # lets the short files fill in at the end and the two workers finish together.
 LONGEST_FIRST = {
     "test_convert.py": 142, "test_finetune.py": 109, "test_img2img.py": 106, "test_pipeline_sdxl.py": 87,
-    "test_diffusion.py": 80, "test_pipeline.py": 73, "test_tiny_sd.py": 61, "test_train.py": 61, "test_models.py": 58,
-    "test_cli_txt2img.py": 58, "test_controlnet.py": 54, "test_pipeline_precision_and_sizes.py": 52,
+    "test_diffusion.py": 80, "test_pipeline.py": 73, "test_controlnet.py": 70, "test_cli_txt2img.py": 66,
+    "test_tiny_sd.py": 61, "test_train.py": 61, "test_models.py": 58, "test_pipeline_precision_and_sizes.py": 52,
     "test_cli_finetune.py": 52, "test_unet.py": 48, "test_cli.py": 37, "test_bundled_model.py": 36,
-    "test_speed.py": 30, "test_sdxl_unet.py": 24, "test_exercises.py": 20, "test_samplers.py": 20,
-    "test_memory_estimate.py": 20, "test_pipeline_sd2.py": 18, "test_lora.py": 15, "test_pretrained.py": 14,
+    "test_controlnet_training.py": 35, "test_speed.py": 30, "test_vq.py": 25, "test_samplers_kdiffusion.py": 25,
+    "test_sdxl_unet.py": 24, "test_exercises.py": 20, "test_samplers.py": 20, "test_memory_estimate.py": 20,
+    "test_pipeline_sd2.py": 18, "test_lora.py": 15, "test_pretrained.py": 14,
 }  # fmt: skip
 
 
