@@ -34,9 +34,10 @@ import optax
 from flax import nnx
 
 from sdjax import convert, preprocessors
+from sdjax.finetune import encode_latents
 from sdjax.models.controlnet import ControlNet, ControlNetConfig
 from sdjax.pipeline import StableDiffusion
-from sdjax.tiny_sd import conditional_diffusion_loss, encode_means
+from sdjax.tiny_sd import conditional_diffusion_loss
 from sdjax.train import FitResult, fit
 
 Array = jax.Array
@@ -80,9 +81,8 @@ def training_data(
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one prompt per image")
     cond = preprocessor(np.clip((images + 1.0) / 2.0, 0.0, 1.0))
-    latents = encode_means(sd.vae, images.astype(sd.dtype)).astype(np.float32) * sd.vae.config.scaling_factor
     return {
-        "latent": latents,
+        "latent": encode_latents(sd, images),
         "ids": np.asarray(sd.tokenizer(list(prompts)), np.int32),
         "cond": np.round(cond * 255.0).astype(np.uint8),
     }

@@ -183,12 +183,9 @@ def fid(images, reference, probe_model=None, *, batch_size: int = 512) -> float:
 def _probe_features(model, images, batch_size: int) -> np.ndarray:
     import jax.numpy as jnp
 
-    images = np.asarray(images, np.float32)
-    r = model.config.resolution
-    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] % r:
-        raise ValueError(f"the FID's probe reads square (k·{r}, k·{r}, 3) images; got an array of shape {images.shape}")
-    k = images.shape[1] // r
-    images = images.reshape(len(images), r, k, r, k, 3).mean(axis=(2, 4))
+    from sdjax import probe
+
+    images = probe.to_probe_size(model, images)
     return np.concatenate(
         [np.asarray(model.features(jnp.asarray(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)]
     )

@@ -258,13 +258,9 @@ class Reading:
         return data.caption(reading) if reading else f"nothing on a {data.BACKGROUNDS[self.background[i]]} background"
 
 
-def read(model: ShapesProbe, images, *, confidence: float = 0.9, batch_size: int = 512) -> Reading:
-    """Run the probe on images (N, H, W, 3) in [−1, 1] and decide what each shows (:class:`Reading`).
-
-    Images k times the probe's resolution (H = W = k·r) are first averaged over k×k blocks down to r×r
-    (a box filter). Rendering at r and box-filtering a k·r rendering differ at the shapes' edges, so
-    measure the probe on real k·r images before trusting it there (tests/test_probe.py does for 64 px).
-    """
+def to_probe_size(model: ShapesProbe, images) -> np.ndarray:
+    """Images (N, k·r, k·r, 3) → (N, r, r, 3) float32, r the probe's resolution: k×k blocks averaged (a box
+    filter). ValueError for images that are not square multiples of r."""
     images = np.asarray(images, np.float32)
     r = model.config.resolution
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or images.shape[1] % r:
@@ -272,7 +268,17 @@ def read(model: ShapesProbe, images, *, confidence: float = 0.9, batch_size: int
             f"the probe reads square (k·{r}, k·{r}, 3) images for an integer k, got an array of shape {images.shape}"
         )
     k = images.shape[1] // r
-    images = images.reshape(len(images), r, k, r, k, 3).mean(axis=(2, 4))
+    return images.reshape(len(images), r, k, r, k, 3).mean(axis=(2, 4))
+
+
+def read(model: ShapesProbe, images, *, confidence: float = 0.9, batch_size: int = 512) -> Reading:
+    """Run the probe on images (N, H, W, 3) in [−1, 1] and decide what each shows (:class:`Reading`).
+
+    Images k times the probe's resolution (H = W = k·r) are first averaged over k×k blocks down to r×r
+    (a box filter). Rendering at r and box-filtering a k·r rendering differ at the shapes' edges, so
+    measure the probe on real k·r images before trusting it there (tests/test_probe.py does for 64 px).
+    """
+    images = to_probe_size(model, images)
     chunks = [_probabilities(model, jnp.asarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     probs = {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in chunks[0]}
     p_empty = probs["what"][..., 0]
