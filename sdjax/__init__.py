@@ -38,7 +38,8 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.adapters      LoRA and textual inversion as pipeline methods
     sdjax.finetune      LoRA, textual inversion, DreamBooth and full fine-tuning
     sdjax.controlnet_training  training a ControlNet on a frozen model; the shipped Canny ControlNet
-    sdjax.speed         the compilation cache, compile counting, random SD-size weights
+    sdjax.wuerstchen    Würstchen at toy scale: VQ stage A, a semantic latent, stages B and C, the pipeline
+    sdjax.speed         the compilation cache, compile counting, FLOPs from XLA, random SD-size weights
     sdjax.exercises     checks for the notebooks' exercises
     sdjax.editions      student editions of the notebooks (solutions out, reference figures kept)
     sdjax.notebook      the notebooks' first cell: quick/full mode, online/offline

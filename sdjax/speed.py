@@ -166,3 +166,28 @@ def random_components(size: str = "tiny", *, seed: int = 0, dtype=jnp.float32) -
         schedule=NoiseSchedule.from_diffusers_config(SD_SCHEDULER),
         scheduler_config=dict(SD_SCHEDULER),
     )
+
+
+def count_flops(fn, *args) -> float:
+    """FLOPs of one call ``fn(*args)`` (a multiply-add counts 2): XLA's cost analysis of the program lowered on the
+    arguments' shapes (arrays or ``jax.ShapeDtypeStruct``; nothing is compiled or computed), with attention in one
+    piece (:data:`sdjax.attention.MAX_ATTENTION_SCORES` off) so that no loop hides FLOPs."""
+    from sdjax import attention
+
+    saved, attention.MAX_ATTENTION_SCORES = attention.MAX_ATTENTION_SCORES, None
+    try:
+        return float((jax.jit(fn).lower(*args).cost_analysis() or {}).get("flops", float("nan")))
+    finally:
+        attention.MAX_ATTENTION_SCORES = saved
+
+
+def unet_flops(config: UNetConfig, height: int, width: int, *, batch: int = 1, context_length: int = 77) -> float:
+    """FLOPs of one evaluation of a UNet of ``config`` on a (batch, height, width, in_channels) latent (and a
+    context of ``context_length`` tokens when it cross-attends), from its shapes alone (:func:`count_flops`)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2D(config, rngs=nnx.Rngs(0))))
+    sds = jax.ShapeDtypeStruct
+    x, t = sds((batch, height, width, config.in_channels), jnp.float32), sds((batch,), jnp.float32)
+    context = None
+    if config.cross_attention_dim is not None:
+        context = sds((batch, context_length, config.cross_attention_dim), jnp.float32)
+    return count_flops(lambda state, x, t, c: nnx.merge(graphdef, state)(x, t, c), state, x, t, context)

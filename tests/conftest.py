@@ -27,17 +27,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # The files that take longest with an empty cache (seconds, all their tests together, from `pytest --junitxml`,
-# 2026-12-05), run first: pytest-xdist (`--dist loadfile`) hands whole files to whichever worker is free, in
-# collection order, so a long file collected last keeps one worker busy while the other waits. Longest first
+# 2026-12-05, fourth session), run first: pytest-xdist (`--dist loadfile`) hands whole files to whichever worker
+# is free, in collection order, so a long file collected last keeps one worker busy while the other waits. Longest first
 # lets the short files fill in at the end and the two workers finish together.
 LONGEST_FIRST = {
-    "test_convert.py": 142, "test_finetune.py": 109, "test_img2img.py": 106, "test_pipeline_sdxl.py": 87,
-    "test_diffusion.py": 80, "test_pipeline.py": 73, "test_controlnet.py": 70, "test_cli_txt2img.py": 66,
-    "test_tiny_sd.py": 61, "test_train.py": 61, "test_models.py": 58, "test_pipeline_precision_and_sizes.py": 52,
-    "test_cli_finetune.py": 52, "test_unet.py": 48, "test_cli.py": 37, "test_bundled_model.py": 36,
-    "test_controlnet_training.py": 35, "test_speed.py": 30, "test_vq.py": 25, "test_samplers_kdiffusion.py": 25,
-    "test_sdxl_unet.py": 24, "test_exercises.py": 20, "test_samplers.py": 20, "test_memory_estimate.py": 20,
-    "test_pipeline_sd2.py": 18, "test_lora.py": 15, "test_pretrained.py": 14,
+    "test_convert.py": 132, "test_img2img.py": 123, "test_finetune.py": 97, "test_diffusion.py": 88,
+    "test_pipeline.py": 85, "test_controlnet.py": 76, "test_pipeline_sdxl.py": 71, "test_cli_txt2img.py": 70,
+    "test_train.py": 66, "test_tiny_sd.py": 59, "test_models.py": 57, "test_pipeline_precision_and_sizes.py": 49,
+    "test_cli_finetune.py": 47, "test_unet.py": 46, "test_controlnet_training.py": 40, "test_multidevice.py": 37,
+    "test_bundled_model.py": 31, "test_wuerstchen.py": 30, "test_sdxl_unet.py": 24, "test_exercises.py": 23,
+    "test_samplers.py": 23, "test_vq.py": 19, "test_speed.py": 17, "test_pipeline_sd2.py": 16, "test_lora.py": 16,
+    "test_prompt_syntax.py": 13, "test_samplers_kdiffusion.py": 13, "test_pretrained.py": 12,
+    "test_textual_inversion.py": 11,
 }  # fmt: skip
 
 

@@ -280,6 +280,17 @@ CASES = {
             (lambda w, a, b, alpha, s: (w + s * alpha / 2 * a @ b).T, "(d_out, d_in)"),
         ],
     ),
+    "quantize": (
+        ex.check_quantize,
+        lambda z, e: z + jax.lax.stop_gradient(e[jnp.argmin(jnp.sum((z[..., None, :] - e) ** 2, -1), -1)] - z),
+        [
+            (lambda z, e: e[jnp.argmin(jnp.sum((z[..., None, :] - e) ** 2, -1), -1)], "no gradient reaches z"),
+            (lambda z, e: e[jnp.argmax(jnp.einsum("...d,kd->...k", z, e), -1)], "keeps the ‖e‖² term"),
+            (lambda z, e: e[jnp.argmax(jnp.sum((z[..., None, :] - e) ** 2, -1), -1)], "*farthest* code"),
+            (lambda z, e: e[jnp.argmin(jnp.sum((z[..., None, :] - e) ** 2, -1), -1)]
+             + 0.5 * (z - jax.lax.stop_gradient(z)), "not the identity"),
+        ],
+    ),
 }
 
 
@@ -416,5 +427,5 @@ def test_summary_lists_correct_wrong_open_and_unchecked(capsys, monkeypatch):
     ex.summary("02")
     unchecked = "· exercise 1 of notebook 02 (reparameterize): not checked yet: run its check cell"
     assert unchecked in capsys.readouterr().out
-    ex.summary("08")
-    assert capsys.readouterr().out == "notebook 08 has no exercises\n"
+    ex.summary("09")
+    assert capsys.readouterr().out == "notebook 09 has no exercises\n"

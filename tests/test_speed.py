@@ -308,3 +308,19 @@ def test_bf16_unet_stays_within_tolerance_of_float32(components):
     error = rel_err(low.astype(jnp.float32), full)
     print(f"UNet bf16 vs fp32: {error:.2e} relative")
     assert 1e-4 < error < 3e-2  # above 1e-4: it did compute in bf16
+
+
+def test_flop_counts_come_from_the_program_shapes():
+    """count_flops: a (m, k) × (k, n) product is 2mnk FLOPs (a multiply-add counts 2), from shapes alone, and the
+    attention-chunking limit it lifts while counting is put back. unet_flops: with 4× the positions a UNet's convolutions cost 4× and its
+    mid block's self-attention 16× (every position against every other), so the whole lies strictly between."""
+    from sdjax import speed
+    from sdjax.models.unet import UNetConfig
+
+    sds = jax.ShapeDtypeStruct
+    assert speed.count_flops(jnp.matmul, sds((6, 5), jnp.float32), sds((5, 7), jnp.float32)) == 2 * 6 * 5 * 7
+    assert attention.MAX_ATTENTION_SCORES is not None  # restored after counting
+    config = UNetConfig(block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                        up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)  # fmt: skip
+    small, large = speed.unet_flops(config, 8, 8), speed.unet_flops(config, 16, 16)
+    assert 4.0 < large / small < 16.0

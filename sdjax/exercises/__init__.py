@@ -25,7 +25,7 @@ notebook uses the learner's function later, its check cell falls back to sdjax's
 :func:`summary` lists which exercises of a notebook are correct, wrong or still open.
 
 The package: :mod:`sdjax.exercises.core` (the registry and the comparison that names a mistake),
-:mod:`sdjax.exercises.pixels` (notebooks 01–03) and :mod:`sdjax.exercises.latent` (04–07).
+:mod:`sdjax.exercises.pixels` (notebooks 01–03) and :mod:`sdjax.exercises.latent` (04–08).
 """
 
 from sdjax.exercises.core import EXERCISES, PLACEHOLDER, Exercise, ExerciseError, sdjax_version, summary
@@ -39,6 +39,7 @@ from sdjax.exercises.latent import (
     check_latents_to_image,
     check_lora_forward,
     check_merge_lora,
+    check_quantize,
 )
 from sdjax.exercises.pixels import (
     check_ddpm_step,
@@ -72,6 +73,7 @@ __all__ = [
     "check_merge_lora",
     "check_negative_elbo",
     "check_q_sample",
+    "check_quantize",
     "check_reconstruction_loss",
     "check_reparameterize",
     "check_resnet_block",

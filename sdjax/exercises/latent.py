@@ -1,5 +1,6 @@
-"""The checks of notebooks 04–07: CLIP's loss, cross-attention and guidance, the guided loop and the VAE's last step,
-the Euler and Heun steps, and LoRA's forward pass and merge (:mod:`sdjax.exercises` says how checks work)."""
+"""The checks of notebooks 04–08: CLIP's loss, cross-attention and guidance, the guided loop and the VAE's last
+step, the Euler and Heun steps, LoRA's forward pass and merge, and vector quantisation (:mod:`sdjax.exercises` says
+how checks work)."""
 
 from __future__ import annotations
 
@@ -429,3 +430,55 @@ def check_merge_lora(fn: Callable) -> bool:
             "(d_in, d_out) = (6, 5) and the update is A @ B, not (A @ B)ᵀ or B.T @ A.T."
         )
     return check("merge_lora", fn, _merge_lora, (w, a, bb, alpha, scale), mistakes)
+
+
+# --- notebook 08 ------------------------------------------------------------------------------------
+
+
+def _quantize(z, codebook):
+    """sdjax's answer to the exercise of notebook 08: the nearest codes of :func:`sdjax.models.vq.nearest_codes`,
+    passed straight through as :class:`sdjax.models.vq.VectorQuantizer` does."""
+    from sdjax.models.vq import nearest_codes
+
+    z_q = codebook[nearest_codes(z, codebook)]
+    return z + jax.lax.stop_gradient(z_q - z)
+
+
+@register("08", 1, "quantize", _quantize)
+def check_quantize(fn: Callable) -> bool:
+    """Exercise: vector quantisation with the straight-through estimator, ``fn(z, codebook)`` → z_st,
+
+        k* = argmin_k ‖z − e_k‖²,    z_q = e_{k*},    z_st = z + sg(z_q − z),
+
+    for every vector of z (B, h, w, D) against the codebook (K, D): forward z_st = z_q, backward ∂z_st/∂z = I.
+    Checked: the values against sdjax's (:class:`sdjax.models.vq.VectorQuantizer`), then the gradient of
+    Σ w · z_st with respect to z, which must be w itself (the decoder's gradient reaches the encoder unchanged).
+    """
+    z, codebook, w = inputs(81, (2, 3, 3, 4), (12, 4), (2, 3, 3, 4))
+    codebook = codebook * 1.5 + 0.3  # codes of different norms: a lookup by the largest dot product picks others
+
+    def by_dot_product(z, e):
+        return e[jnp.argmax(jnp.einsum("...d,kd->...k", z, e), axis=-1)]
+
+    mistakes = [
+        (lambda z, e: e[jnp.argmax(jnp.sum((z[..., None, :] - e) ** 2, -1), -1)],
+         "that is the *farthest* code: the nearest one is the argmin of ‖z − e_k‖²."),
+        (by_dot_product, "the largest dot product z·e_k is not the nearest code when the codes have different "
+         "norms: ‖z − e‖² = ‖z‖² − 2 z·e + ‖e‖² keeps the ‖e‖² term."),
+        (lambda z, e: z, "z_st must take the values of the nearest codes (the forward pass is z_q)."),
+    ]  # fmt: skip
+    if not check("quantize", fn, _quantize, (z, codebook), mistakes):
+        return False
+    try:
+        grad = jax.grad(lambda z: jnp.sum(w * jnp.asarray(fn(z, codebook))))(z)
+    except Exception as e:  # the learner's code: name what failed
+        raise ExerciseError(f"quantize: jax.grad could not go through your function ({type(e).__name__}); write it "
+                            "with jax.numpy so that it can be differentiated.") from e  # fmt: skip
+    if np.allclose(np.asarray(grad), 0.0):
+        raise ExerciseError("quantize: the values are right but no gradient reaches z: the lookup has none. Pass it "
+                            "straight through: return z + jax.lax.stop_gradient(z_q - z).")  # fmt: skip
+    if not np.allclose(np.asarray(grad), np.asarray(w), rtol=1e-5, atol=1e-6):
+        raise ExerciseError("quantize: the gradient with respect to z is not the identity: put the whole "
+                            "difference z_q − z under jax.lax.stop_gradient, and add z outside it.")  # fmt: skip
+    print("✓ quantize: the gradient is the identity too.")
+    return True
