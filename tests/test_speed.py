@@ -312,8 +312,9 @@ def test_bf16_unet_stays_within_tolerance_of_float32(components):
 
 def test_flop_counts_come_from_the_program_shapes():
     """count_flops: a (m, k) × (k, n) product is 2mnk FLOPs (a multiply-add counts 2), from shapes alone, and the
-    attention-chunking limit it lifts while counting is put back. unet_flops: with 4× the positions a UNet's convolutions cost 4× and its
-    mid block's self-attention 16× (every position against every other), so the whole lies strictly between."""
+    attention-chunking limit it lifts while counting is put back. unet_flops: with 4× the positions a UNet's
+    convolutions cost 4× and its mid block's self-attention 16× (every position against every other), so the whole
+    lies strictly between."""
     from sdjax import speed
     from sdjax.models.unet import UNetConfig
 
