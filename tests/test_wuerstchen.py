@@ -50,7 +50,7 @@ def model(text):
 
 def test_shapes_at_every_stage(model):
     """64² × 3 → stage A z 16² × 4 (f = 4) and E_s's s 4² × 16 (f = 16); UNet_B maps [z_t, ↑s] to z's shape,
-    UNet_C maps s to its own; the pipeline's stages come back in those shapes."""
+    UNet_C maps s to its own (the pipeline's outputs: test_pipeline_against_a_diffusers_ddim_loop)."""
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 64, 64, 3), minval=-1.0, maxval=1.0)
     z, s = model.stage_a.encode(x), model.compressor(x)
     assert z.shape == (2, 16, 16, 4) and s.shape == (2, 4, 4, 16)
@@ -58,16 +58,12 @@ def test_shapes_at_every_stage(model):
     up = wuerstchen.upsample_semantic(s, (16, 16))
     assert model.stage_b(jnp.concatenate([z, up], -1), jnp.array([5, 900]), context).shape == z.shape
     assert model.stage_c(s, jnp.array([5, 900]), context).shape == s.shape
-    out = wuerstchen.Wuerstchen(model)(["a red star"], num_images_per_prompt=2, prior_num_inference_steps=2,
-                                       decoder_num_inference_steps=2, prior_guidance_scale=1.0,
-                                       output_type="stages")  # fmt: skip  (w = 1: the unguided prior)
-    assert out.semantic.shape == (2, 4, 4, 16) and out.latents.shape == (2, 16, 16, 4)
-    assert out.images.shape == (2, 64, 64, 3) and 0.0 <= out.images.min() <= out.images.max() <= 1.0
 
 
 def test_compressor_normalises_each_position(model):
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), minval=-1.0, maxval=1.0)
-    h = np.asarray(model.compressor.encoder(x), np.float64)
+    pooled = np.asarray(x).reshape(2, 32, 2, 32, 2, 3).mean(axis=(2, 4))  # the 2 × 2 box filter
+    h = np.asarray(model.compressor.encoder(jnp.asarray(pooled)), np.float64)
     want = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
     assert rel_err(model.compressor(x), want) < 1e-5
 
@@ -121,24 +117,32 @@ def test_pipeline_against_a_diffusers_ddim_loop(model):
     assert rel_err(out.latents, z) < 1e-5
     pixels = np.clip(np.asarray(model.stage_a.decode(jnp.asarray(out.latents) / 0.5)) / 2 + 0.5, 0, 1)
     assert rel_err(out.images, pixels) < 1e-5  # jitted vs eager decode: float32 rounding (2e-6 seen)
+    assert out.semantic.shape == (2, 4, 4, 16) and out.latents.shape == (2, 16, 16, 4)
+    assert out.images.shape == (2, 64, 64, 3) and 0.0 <= out.images.min() <= out.images.max() <= 1.0
+
+    # w = 1: no guidance, the prior conditioned on the prompts alone
+    plain = wuerstchen.Wuerstchen(model)(prompt, prior_guidance_scale=1.0, seed=seed, prior_num_inference_steps=4,
+                                         decoder_num_inference_steps=3, output_type="stages")  # fmt: skip
+    assert rel_err(plain.semantic, ddim_loop(model.stage_c, s_T, 4, model.schedule, lambda u, x, t: u(x, t, c))) < 1e-5
 
 
-def test_stage_b_trains_the_compressor_with_it_and_not_the_text_encoder(text):
-    """Stage B's loss reaches E_s (the two learn together, as Würstchen's stage B and its compressor), while the
-    text encoder's parameters stay bit for bit what they were."""
-    pixels = np.asarray(data.make_shapes(8, resolution=64, seed=1).images)
-    ids = tiny_sd.tokenize(text.tokenizer, ["a red star"] * 8)
+def test_stage_b_loss_reaches_the_compressor_and_not_the_text_encoder(text):
+    """Stage B's loss (the one train_stage_b minimises) has a gradient for E_s — the two learn together, as
+    Würstchen's stage B and its compressor — and exactly zero for the text encoder, which Adam turns into exactly zero
+    updates (train_stage_b itself runs in the slow test_train_runs_the_three_stages)."""
+    rngs = nnx.Rngs(0)
+    trainee = wuerstchen.StageB(wuerstchen.SemanticCompressor(TINY.semantic, TINY.semantic_pool, rngs=rngs),
+                                UNet2D(TINY.stage_b, rngs=rngs), text.text_encoder)  # fmt: skip
+    pixels = np.asarray(data.make_shapes(4, resolution=64, seed=1).images)
+    ids = tiny_sd.tokenize(text.tokenizer, ["a red star"] * 4)
     uint8 = np.round((pixels + 1.0) * 127.5).astype(np.uint8)
-    latents = np.random.default_rng(0).standard_normal((8, 16, 16, 4)).astype(np.float32)
-    before = jax.tree.map(np.asarray, nnx.state(text.text_encoder, nnx.Param))
-    compressor, _, result = wuerstchen.train_stage_b(TINY, latents, ids, uint8, text.text_encoder, ids[0], steps=2,
-                                                     progress=False)  # fmt: skip
-    after = jax.tree.map(np.asarray, nnx.state(text.text_encoder, nnx.Param))
-    jax.tree.map(np.testing.assert_array_equal, before, after)
-    fresh = wuerstchen.SemanticCompressor(TINY.semantic, TINY.semantic_pool, rngs=nnx.Rngs(TINY.data.seed))
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         nnx.state(compressor, nnx.Param), nnx.state(fresh, nnx.Param))  # fmt: skip
-    assert max(jax.tree.leaves(moved)) > 0.0 and len(result.history["loss"]) == 2
+    latents = np.random.default_rng(0).standard_normal((4, 16, 16, 4)).astype(np.float32)
+    batch = {"latent": jnp.asarray(latents), "ids": jnp.asarray(ids), "image": jnp.asarray(uint8)}
+    loss_fn = tiny_sd.conditional_diffusion_loss(TINY.schedule, ids[0], 0.0, inputs=("image",))
+    grads = nnx.jit(nnx.grad(lambda m: loss_fn(m, batch, jax.random.PRNGKey(0))[0]))(trainee)
+    largest = lambda tree: max(float(jnp.abs(g).max()) for g in jax.tree.leaves(tree))  # noqa: E731
+    assert largest(grads.compressor) > 0.0 and largest(grads.unet) > 0.0
+    assert largest(grads.text_encoder) == 0.0
 
 
 def test_save_and_load_round_trip(model, tmp_path):
@@ -149,7 +153,8 @@ def test_save_and_load_round_trip(model, tmp_path):
         got = jax.tree.map(lambda p: np.asarray(p, np.float16), nnx.state(getattr(loaded, name), nnx.Param))
         jax.tree.map(np.testing.assert_array_equal, want, got)
     assert loaded.stage_a.config == model.stage_a.config and loaded.compressor.pool == model.compressor.pool
-    assert loaded.stage_b.config == model.stage_b.config and loaded.stage_c.config == model.stage_c.config
+    for name in ("stage_b", "stage_c"):  # the same diffusers config (sdjax's dataclass may spell heads differently)
+        assert getattr(loaded, name).config.to_diffusers() == getattr(model, name).config.to_diffusers()
 
 
 @pytest.mark.slow
@@ -182,6 +187,7 @@ def test_clear_errors(model, tmp_path):
         wuerstchen.load(tmp_path)
 
 
+@pytest.mark.slow  # notebook 08 measures the shipped model in CI's quick run (and in full, 256 prompts)
 def test_shipped_model_follows_prompts():
     """The shipped toy Würstchen (sdjax/weights/wuerstchen-shapes) on 24 held-out prompts: the probe finds the
     prompted background and objects where the prompts put them, and shapes and colours far above what the same images
