@@ -403,9 +403,18 @@ class UNet2D(UNetEncoder):
                 raise ValueError(f"control: {len(down)} down residuals for this UNet's {len(skips)} skip connections")
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down)]
             h = h + mid.astype(h.dtype)
+        return self.output(self.decode(h, skips, temb, context))
+
+    def decode(self, h: Array, skips: list[Array], temb: Array, context: Array | None) -> Array:
+        """The up levels: the middle output and the encoder's skips → features (B, H, W, block_out_channels[0])
+        before the output head (a NestedUNet, :mod:`sdjax.models.nested_unet`, hands them to its outer levels)."""
         for block in self.up_blocks:
             n = len(block.resnets)  # the skips this block consumes, handed over as a list of its own
             skips, taken = skips[:-n], skips[-n:]
             size = skips[-1].shape[1:3] if skips else None  # where the upsampler must land: the next skip
             h = self._run(block, h, taken, temb, context, size=size)
+        return h
+
+    def output(self, h: Array) -> Array:
+        """The output head: GroupNorm, SiLU, conv_out.   (B, H, W, block_out_channels[0]) → (B, H, W, out_channels)."""
         return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
