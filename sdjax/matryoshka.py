@@ -87,11 +87,11 @@ class MatryoshkaRecipe:
     )  # fmt: skip
     loss_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # w_r, lowest resolution first
     # per stage (1: 16 px; 2: 16 + 32; 3: 16 + 32 + 64): steps, batch, peak learning rate
-    steps: tuple[int, ...] = (1_500, 1_000, 800)
+    steps: tuple[int, ...] = (2_700, 500, 500)
     batch: tuple[int, ...] = (64, 32, 16)
     lr: tuple[float, ...] = (1e-3, 5e-4, 5e-4)
     caption_dropout: float = 0.1
-    # EMA from each stage's start: 0.99^800 = 3e-4 of the starting weights is left at the end of the shortest stage
+    # EMA from each stage's start: 0.99^500 = 7e-3 of the starting weights is left at the end of the shortest stage
     ema_decay: float = 0.99
     schedule: NoiseSchedule = dataclasses.replace(tiny_sd.TINY_SD.schedule, clip_sample=True)
 
@@ -400,6 +400,11 @@ def main(argv: list[str] | None = None) -> None:
             k: {m: float(np.mean(v[-100:])) for m, v in h.items() if m.startswith("loss")}
             for k, h in trained.histories.items()
         },
+        "loss_per_50_steps": {
+            k: {m: [round(float(np.mean(c)), 5) for c in np.array_split(np.asarray(v), max(1, len(v) // 50))]
+                for m, v in h.items() if m.startswith("loss")}
+            for k, h in trained.histories.items()
+        },  # fmt: skip
         "wall_minutes": {k: round(s / 60, 1) for k, s in trained.seconds.items()},
         "parameters": trained.model.parameters(),
         "device": f"{device.platform}: {device.device_kind} ×{jax.device_count()}",

@@ -191,3 +191,18 @@ def unet_flops(config: UNetConfig, height: int, width: int, *, batch: int = 1, c
     if config.cross_attention_dim is not None:
         context = sds((batch, context_length, config.cross_attention_dim), jnp.float32)
     return count_flops(lambda state, x, t, c: nnx.merge(graphdef, state)(x, t, c), state, x, t, context)
+
+
+def nested_unet_flops(config, levels: int | None = None, *, batch: int = 1, context_length: int = 77) -> float:
+    """FLOPs of one evaluation of a :class:`sdjax.models.nested_unet.NestedUNet` of ``config`` on its first ``levels``
+    resolutions (default all), from its shapes alone (:func:`count_flops`)."""
+    from sdjax.models.nested_unet import NestedUNet
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: NestedUNet(config, rngs=nnx.Rngs(0))))
+    sds, core = jax.ShapeDtypeStruct, config.core
+    res = config.resolutions[: levels or len(config.resolutions)]
+    xs = [sds((batch, r, r, core.in_channels), jnp.float32) for r in res]
+    t = sds((batch,), jnp.float32)
+    context = None if core.cross_attention_dim is None else sds((batch, context_length, core.cross_attention_dim),
+                                                                 jnp.float32)  # fmt: skip
+    return count_flops(lambda state, xs, t, c: nnx.merge(graphdef, state)(xs, t, c), state, xs, t, context)

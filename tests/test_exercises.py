@@ -291,6 +291,22 @@ CASES = {
              + 0.5 * (z - jax.lax.stop_gradient(z)), "not the identity"),
         ],
     ),
+    "noisy_pyramid": (
+        ex.check_noisy_pyramid,
+        lambda x, t, noises, a: [
+            jnp.sqrt(a[t][:, None, None, None]) * x.reshape(x.shape[0], x.shape[1] // f, f, x.shape[2] // f, f, -1)
+            .mean(axis=(2, 4)) + jnp.sqrt(1 - a[t][:, None, None, None]) * e
+            for f, e in zip((4, 2, 1), noises)
+        ],
+        [
+            (lambda x, t, n, a: [jnp.sqrt(a[t][:, None, None, None]) * x[:, ::f, ::f]
+                                 + jnp.sqrt(1 - a[t][:, None, None, None]) * e for f, e in zip((4, 2, 1), n)],
+             "block average"),
+            (lambda x, t, n, a: [jnp.sqrt(a[t][:, None, None, None]) * x.reshape(2, 8 // f, f, 8 // f, f, 3)
+                                 .mean(axis=(2, 4)) + (1 - a[t][:, None, None, None]) * e
+                                 for f, e in zip((4, 2, 1), n)], "not (1 − ᾱ_t)"),
+        ],
+    ),
 }
 
 

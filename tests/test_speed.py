@@ -325,3 +325,19 @@ def test_flop_counts_come_from_the_program_shapes():
                         up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)  # fmt: skip
     small, large = speed.unet_flops(config, 8, 8), speed.unet_flops(config, 16, 16)
     assert 4.0 < large / small < 16.0
+
+
+def test_nested_unet_flops_add_the_shells_to_the_core():
+    """nested_unet_flops: one level is the core UNet's own count; each shell adds a positive amount, less than the
+    core UNet would cost run at that shell's resolution (the shells have no attention and are narrower)."""
+    from sdjax import speed
+    from sdjax.models.nested_unet import NestedUNetConfig
+    from sdjax.models.unet import UNetConfig
+
+    core = UNetConfig(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)  # fmt: skip
+    config = NestedUNetConfig(core, shell_channels=(8, 4), norm_num_groups=4)
+    one, two, three = (speed.nested_unet_flops(config, k) for k in (1, 2, 3))
+    assert one == speed.unet_flops(core, 8, 8)
+    assert one < two < three
+    assert three - two < speed.unet_flops(core, 32, 32)

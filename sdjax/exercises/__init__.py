@@ -39,6 +39,7 @@ from sdjax.exercises.latent import (
     check_latents_to_image,
     check_lora_forward,
     check_merge_lora,
+    check_noisy_pyramid,
     check_quantize,
 )
 from sdjax.exercises.pixels import (
@@ -73,6 +74,7 @@ __all__ = [
     "check_merge_lora",
     "check_negative_elbo",
     "check_q_sample",
+    "check_noisy_pyramid",
     "check_quantize",
     "check_reconstruction_loss",
     "check_reparameterize",

@@ -4,6 +4,7 @@ how checks work)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -482,3 +483,59 @@ def check_quantize(fn: Callable) -> bool:
                             "difference z_q − z under jax.lax.stop_gradient, and add z outside it.")  # fmt: skip
     print("✓ quantize: the gradient is the identity too.")
     return True
+
+
+# --- notebook 09 ------------------------------------------------------------------------------------
+
+
+def _noisy_pyramid(x, t, noises, alphas_cumprod):
+    """sdjax's answer to the exercise of notebook 09: :func:`sdjax.matryoshka.pyramid`, then DDPM's q_sample at every
+    level with the same ᾱ_t."""
+    from sdjax.matryoshka import pyramid
+
+    a = jnp.asarray(alphas_cumprod)[t][:, None, None, None]
+    return [jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * eps for x0, eps in zip(pyramid(x, len(noises)), noises)]
+
+
+def _packed(fn: Callable) -> Callable:
+    """``fn``'s list of levels as one (B, Σ) array, so the comparison sees every level at once (None stays None)."""
+
+    @functools.wraps(fn)  # the source, for spotting the placeholder, stays the learner's
+    def packed(*args):
+        out = fn(*args)
+        if out is None:
+            return None
+        return jnp.concatenate([jnp.asarray(level).reshape(len(level), -1) for level in out], axis=1)
+
+    return packed
+
+
+@register("09", 1, "noisy_pyramid", _noisy_pyramid)
+def check_noisy_pyramid(fn: Callable) -> bool:
+    """Exercise: the inputs of Matryoshka diffusion, ``fn(x, t, noises, alphas_cumprod)`` → [x_t⁽ʳ⁰⁾, …] lowest
+    resolution first: x (B, H, W, C) the full-resolution images, t (B,) one step per image, ``noises`` the ε of each
+    level lowest first ((B, H/2^(R−1), …), …, (B, H, W, C)), each level the 2 × 2 block average of the next, noised
+    with the same ᾱ_t: x_t⁽ʳ⁾ = √ᾱ_t x⁽ʳ⁾ + √(1 − ᾱ_t) ε⁽ʳ⁾."""
+    from sdjax.matryoshka import pyramid
+
+    x, *noises = inputs(91, (2, 8, 8, 3), (2, 2, 2, 3), (2, 4, 4, 3), (2, 8, 8, 3))
+    t = jnp.array([50, 700])
+    ab = jnp.asarray(LINEAR.alphas_cumprod)
+
+    def noised(levels, noises, ab_t, noise_scale=jnp.sqrt):
+        ab_t = ab_t[:, None, None, None]
+        return [jnp.sqrt(ab_t) * x0 + noise_scale(1 - ab_t) * e for x0, e in zip(levels, noises)]
+
+    mistakes = [
+        (lambda x, t, n, a: noised([x[:, :: 2**k, :: 2**k] for k in reversed(range(len(n)))], n, a[t]),
+         "a level must be the 2 × 2 *block average* of the next, not every other pixel (that aliases)."),
+        (lambda x, t, n, a: noised(pyramid(x, len(n)), pyramid(n[-1], len(n)), a[t]),
+         "every level gets its own ε (the noises given); the box-filtered full-resolution ε has variance 1/4 at the "
+         "next level down, so the low levels would be four times less noisy than ᾱ_t says."),
+        (lambda x, t, n, a: [noised([x0], [e], a[t + 100 * k])[0] for k, (x0, e) in enumerate(zip(pyramid(x, 3), n))],
+         "one t for every level: the same ᾱ_t multiplies every resolution."),
+        (lambda x, t, n, a: noised(pyramid(x, len(n)), n, a[t], noise_scale=lambda v: v),
+         "the noise is scaled by √(1 − ᾱ_t), not (1 − ᾱ_t)."),
+    ]  # fmt: skip
+    return check("noisy_pyramid", _packed(fn), _packed(_noisy_pyramid), (x, t, noises, ab),
+                 [(_packed(wrong), why) for wrong, why in mistakes])  # fmt: skip
