@@ -9,7 +9,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.devices       data parallelism: a batch split over the local devices
     sdjax.train         the shared training loop: jitted step, EMA, checkpoints
     sdjax.io            safetensors save/load of pytrees and models
-    sdjax.models        Autoencoder, AutoencoderKL, VQModel, UNet2D (pixel DDPM and SD), CLIPTextModel, ControlNet
+    sdjax.models        Autoencoder, AutoencoderKL, VQModel, UNet2D (pixel DDPM, SD), NestedUNet, CLIP, ControlNet
     sdjax.viz           grids, loss curves, latent-space pictures
     sdjax.interpolate   lerp and slerp between latents
     sdjax.schedulers    noise schedules, the forward process q(x_t|x_0), DDPM and DDIM steps
@@ -39,6 +39,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.finetune      LoRA, textual inversion, DreamBooth and full fine-tuning
     sdjax.controlnet_training  training a ControlNet on a frozen model; the shipped Canny ControlNet
     sdjax.wuerstchen    Würstchen at toy scale: VQ stage A, a semantic latent, stages B and C, the pipeline
+    sdjax.matryoshka    Matryoshka diffusion at toy scale: 16/32/64 px jointly, a NestedUNet, progressive training
     sdjax.speed         the compilation cache, compile counting, FLOPs from XLA, random SD-size weights
     sdjax.exercises     checks for the notebooks' exercises
     sdjax.editions      student editions of the notebooks (solutions out, reference figures kept)

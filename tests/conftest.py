@@ -33,9 +33,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 LONGEST_FIRST = {
     "test_convert.py": 132, "test_img2img.py": 123, "test_finetune.py": 97, "test_diffusion.py": 88,
     "test_pipeline.py": 85, "test_controlnet.py": 76, "test_pipeline_sdxl.py": 71, "test_cli_txt2img.py": 70,
-    "test_train.py": 66, "test_tiny_sd.py": 59, "test_models.py": 57, "test_pipeline_precision_and_sizes.py": 49,
+    "test_train.py": 66, "test_tiny_sd.py": 9, "test_models.py": 57, "test_pipeline_precision_and_sizes.py": 49,
     "test_cli_finetune.py": 47, "test_unet.py": 46, "test_controlnet_training.py": 40, "test_multidevice.py": 37,
-    "test_bundled_model.py": 31, "test_wuerstchen.py": 30, "test_sdxl_unet.py": 24, "test_exercises.py": 23,
+    "test_bundled_model.py": 31, "test_matryoshka.py": 30, "test_wuerstchen.py": 30, "test_sdxl_unet.py": 24,
+    "test_exercises.py": 23,
     "test_samplers.py": 23, "test_vq.py": 19, "test_speed.py": 17, "test_pipeline_sd2.py": 16, "test_lora.py": 16,
     "test_prompt_syntax.py": 13, "test_samplers_kdiffusion.py": 13, "test_pretrained.py": 12,
     "test_textual_inversion.py": 11,

@@ -285,16 +285,17 @@ def test_train_runs_every_stage(tmp_path):
 
 @pytest.mark.slow  # notebook 09 measures the shipped model in CI's quick run (and in full, 256 prompts)
 def test_shipped_model_follows_prompts():
-    """The shipped toy Matryoshka model (sdjax/weights/matryoshka-shapes) on 24 held-out prompts, read by the probe
-    at 16 px from its 64-px output: background and objects present far above chance and shapes and colours above the
-    reversed-prompt level. (Thresholds set from the measurement at commit time, in the note.)"""
+    """The shipped toy Matryoshka model (sdjax/weights/matryoshka-shapes) on 24 held-out prompts at w = 2 (its best in
+    notebook 09's sweep), read by the probe from its 64-px output: backgrounds, objects and colours well above what the
+    same images score against the prompts in reverse order. It is a weak model (notebook 09: 2 % of captions exactly
+    right); the thresholds say it follows prompts at all, with a margin below the values measured at commit time."""
     pipe = matryoshka.Matryoshka.from_pretrained()
     pipe.progress = False
     prompts = tiny_sd.evaluation_prompts(24, seed=5)
-    pixels = pipe(prompts, guidance_scale=4.0, seed=0, output_type="np")
+    pixels = pipe(prompts, guidance_scale=2.0, seed=0, output_type="np")
     reading = probe.read(probe.load(16), pixels * 2.0 - 1.0)
     wanted = [data.parse_caption(p) for p in prompts]
     score, reversed_ = probe.score_prompts(reading, wanted), probe.score_prompts(reading, wanted[::-1])
     print(score.row("matryoshka"), reversed_.row("reversed prompts"), sep="\n")
-    assert score.background >= 0.9
-    assert score.colour >= reversed_.colour + 0.2
+    assert score.background >= reversed_.background + 0.4
+    assert score.present >= reversed_.present + 0.3 and score.colour >= reversed_.colour + 0.25

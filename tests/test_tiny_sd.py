@@ -83,6 +83,8 @@ def test_stage_c_trains_the_unet_only_and_drops_captions():
     np.testing.assert_allclose(float(all_dropped), float(kept), rtol=1e-6)
 
 
+@pytest.mark.slow  # 50 s; as the Würstchen and Matryoshka train() runs. Stage C's loss and dropout, CLIP's loss and the
+# shipped bundle's loading stay in the default run (above, and tests/test_bundled_model.py)
 def test_three_stages_end_to_end_and_the_pipeline_runs_the_result(tmp_path):
     trained = tiny_sd.train(TINY, num_images=64, steps={"vae": 2, "clip": 2, "unet": 2}, workdir=tmp_path / "runs",
                             progress=False)  # fmt: skip
