@@ -52,6 +52,7 @@ from sdjax import images, io, prompts, samplers, tiny_sd
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.nested_unet import NestedUNet, NestedUNetConfig
 from sdjax.models.unet_config import UNetConfig
+from sdjax.nn import count_params
 from sdjax.schedulers import NoiseSchedule, q_sample, training_target
 from sdjax.tokenizer import CLIPTokenizer
 from sdjax.train import FitResult, fit
@@ -243,10 +244,10 @@ class MatryoshkaModel:
 
     def parameters(self) -> dict[str, int]:
         """Parameter counts: the core, each shell, the text encoder."""
-        count = lambda m: sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
         res = self.nested.config.resolutions
-        shells = {f"shell {r} px": count(s) for r, s in zip(res[1:], self.nested.shells)}
-        return {f"core {res[0]} px": count(self.nested.core), **shells, "text_encoder": count(self.text_encoder)}
+        shells = {f"shell {r} px": count_params(s) for r, s in zip(res[1:], self.nested.shells)}
+        text = count_params(self.text_encoder)
+        return {f"core {res[0]} px": count_params(self.nested.core), **shells, "text_encoder": text}
 
 
 def save(model: MatryoshkaModel, folder: str | os.PathLike = BUNDLE, info: dict | None = None) -> Path:

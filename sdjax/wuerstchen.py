@@ -49,6 +49,7 @@ from sdjax.models.autoencoder import AutoencoderConfig, Encoder
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2D, UNetConfig
 from sdjax.models.vq import VQConfig, VQModel, vq_loss
+from sdjax.nn import count_params
 from sdjax.schedulers import NoiseSchedule
 from sdjax.tokenizer import CLIPTokenizer
 from sdjax.train import FitResult, fit
@@ -186,8 +187,7 @@ class WuerstchenModel:
 
     def parameters(self) -> dict[str, int]:
         """Parameter counts per network."""
-        count = lambda m: sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
-        return {name: count(getattr(self, name)) for name in (*self.NETWORKS, "text_encoder")}
+        return {name: count_params(getattr(self, name)) for name in (*self.NETWORKS, "text_encoder")}
 
 
 # ---------------------------------------------------------------------------------------------------
