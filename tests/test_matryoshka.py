@@ -176,7 +176,7 @@ def reference_ddim(model, shapes, x_T, steps, fn):
     x = torch.from_numpy(np.asarray(x_T))
     for t in scheduler.timesteps:
         outs = fn(matryoshka.unpack(jnp.asarray(x.numpy()), shapes), jnp.float32(t))
-        x = scheduler.step(torch.from_numpy(np.asarray(matryoshka.pack(outs))), t, x).prev_sample
+        x = scheduler.step(torch.from_numpy(np.array(matryoshka.pack(outs))), t, x).prev_sample
     return x.numpy()
 
 

@@ -106,7 +106,7 @@ class Shell(nnx.Module):
 
 
 class NestedUNet(nnx.Module):
-    """ε_θ(x_t^(r_0), …, x_t^(r_{R−1}), t[, c]) → one output per resolution (module docstring).
+    """f_θ(x_t^(r_0), …, x_t^(r_{R−1}), t[, c]) → one output (ε, v or x̂_0) per resolution (module docstring).
 
     ``core`` is a :class:`UNet2D`; ``shells[k]`` the level at core.sample_size · 2^(k+1) px. Call with ``xs``, a
     list of 1 … R images lowest resolution first, each (B, r_k, r_k, C) (any r_0 divisible by the core's
