@@ -218,11 +218,16 @@ class Attention(nnx.Module):
         self.to_k = nnx.Linear(context_dim, inner, use_bias=bias, rngs=rngs)
         self.to_v = nnx.Linear(context_dim, inner, use_bias=bias, rngs=rngs)
         self.to_out = nnx.Linear(inner, query_dim, rngs=rngs)
+        self.hypernetwork = nnx.data(None)  # a web-UI hypernetwork: rewrites the context of K, V (sdjax.hypernetwork)
+
+    def key_value_contexts(self, context: Array) -> tuple[Array, Array]:
+        """The contexts K and V are projected from: (c, c), or a hypernetwork's (c + s f_k(c), c + s f_v(c))."""
+        return (context, context) if self.hypernetwork is None else self.hypernetwork(context)
 
     def attend(self, x: Array, context: Array | None = None) -> Array:
         """The attention output before the residual: (B, T, D_q), (B, S, D_c) → (B, T, D_q)."""
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        context_k, context_v = self.key_value_contexts(x if context is None else context)
+        q, k, v = self.to_q(x), self.to_k(context_k), self.to_v(context_v)
         split = lambda t: t.reshape(*t.shape[:2], self.heads, t.shape[-1] // self.heads)  # noqa: E731
         dtype = jnp.float32 if self.upcast else x.dtype  # one dtype for all three (a float32 context
         q, k, v = (split(a).astype(dtype) for a in (q, k, v))  # under a bf16 network would promote k, v)
@@ -251,7 +256,7 @@ def record_cross_attention() -> Iterator[list[Array]]:
 
     def recording(self: Attention, x: Array, context: Array | None = None) -> Array:
         if context is not None:
-            q, k = self.to_q(x), self.to_k(context)
+            q, k = self.to_q(x), self.to_k(self.key_value_contexts(context)[0])
             q, k = (a.reshape(*a.shape[:2], self.heads, -1).astype(jnp.float32) for a in (q, k))
             scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
             weights.append(jax.nn.softmax(scores, axis=-1))

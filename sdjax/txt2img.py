@@ -261,13 +261,20 @@ def txt2img(args: argparse.Namespace) -> int:
 
 
 def _add_finetuned(args: argparse.Namespace, pipe) -> None:
-    """--embedding and --lora: what fine-tuning made, added to the loaded model."""
+    """--embedding, --lora and --hypernetwork: what fine-tuning made, added to the loaded model."""
     for path in args.embedding or []:
         print(f"textual inversion {path}: added {', '.join(pipe.load_textual_inversion(path))}")
     if args.lora:
         path, _, scale = args.lora.rpartition(":") if re.fullmatch(r".+:[0-9.]+", args.lora) else (args.lora, "", "1")
         report = pipe.load_lora(path, scale=float(scale))
         print(f"LoRA {path} ({report['format']} layout) at strength {float(scale):g}")
+    if getattr(args, "hypernetwork", None):  # (a Namespace built by hand may lack it)
+        from sdjax.hypernetwork import load_hypernetwork
+
+        spec = args.hypernetwork
+        path, _, scale = spec.rpartition(":") if re.fullmatch(r".+:[0-9.]+", spec) else (spec, "", "1")
+        net = load_hypernetwork(path, pipe.unet, strength=float(scale))
+        print(f"hypernetwork {path} (context widths {list(net.widths)}) at strength {float(scale):g}")
 
 
 def _control(args: argparse.Namespace, pipe) -> dict:
@@ -434,6 +441,11 @@ def add_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
     )
     p.add_argument("--lora", metavar="PATH[:SCALE]", help="a LoRA file (diffusers or kohya) at strength SCALE (1)")
     p.add_argument("--embedding", metavar="PATH", action="append", help="a textual-inversion embedding (repeatable)")
+    p.add_argument(
+        "--hypernetwork",
+        metavar="PATH[:STRENGTH]",
+        help="an AUTOMATIC1111 hypernetwork .pt at strength STRENGTH (1), applied to the UNet's attention",
+    )
     p.add_argument(
         "--controlnet",
         metavar="PATH[:SCALE]",

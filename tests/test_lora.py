@@ -392,13 +392,13 @@ def _w(*shape):
             r"SDXL's \(two text encoders; this model has one\): lora_te2_text_model",
         ),
         (
-            {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": _w(4, 32, 3, 3),
+            {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": _w(4, 32, 5, 5),
              "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": _w(32, 4, 1, 1)},
-            r"convolution LoRA layers \(LoCon/LyCORIS.*lora_unet_down_blocks_0_resnets_0_conv1.*not supported",
+            r"not fit.*resnets_0_conv1.*update is \(32, 32, 5, 5\) \(out, in, kh, kw\), the layer's weight \(32, 32, 3",
         ),
         (
             {f"lora_unet_{TO_Q.replace('.', '_')}.hada_w1_a": _w(32, 4)},
-            r"LyCORIS \(LoHa/LoKr/...\): lora_unet_down_blocks_0_.*plain LoRA only",
+            r"lora_unet_down_blocks_0_.*hada_w1_a: LoHa needs hada_w1_b, hada_w2_a, hada_w2_b too",
         ),
         (
             {f"unet.{TO_Q}.lora_A.weight": _w(4, 32), f"unet.{TO_Q}.lora_B.weight": _w(32, 3)},

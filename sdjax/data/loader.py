@@ -9,7 +9,9 @@ run would have seen, with no iterator state to save.
 Every epoch has `n // batch_size` full batches (the remainder is dropped), so
 all batches have the same shape and a jitted train step compiles once.
 
-Data parallelism (a batch split over the devices) is :mod:`sdjax.devices`.
+Data parallelism (a batch split over the devices) is :mod:`sdjax.devices`. On several hosts each
+process reads only its own rows of every batch (``rows``, from :func:`sdjax.devices.host_rows`): all
+processes compute the same permutation, each indexes its data with its slice of it.
 """
 
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ def iterate_batches(
     start_step: int = 0,
     num_steps: int | None = None,
     epochs: int | None = None,
+    rows: slice | None = None,
 ) -> Iterator:
     """Yield the batches of steps start_step, start_step + 1, ...
 
@@ -50,7 +53,8 @@ def iterate_batches(
     Stops after `num_steps` batches, or at the end of epoch `epochs` counted
     from step 0 (so a resumed run stops where the original would have), or
     never if neither is given. Batch i equals `batch_indices(key, n, batch_size, i)`
-    applied to every leaf.
+    applied to every leaf. With ``rows`` (a slice of range(batch_size)) only those rows of each batch
+    are read and yielded: this process's share of a global batch.
     """
     if num_steps is not None and epochs is not None:
         raise ValueError("give num_steps or epochs, not both")
@@ -74,7 +78,7 @@ def iterate_batches(
         if epoch != permutation_epoch:
             permutation, permutation_epoch = epoch_permutation(key, n, epoch), epoch
         indices = permutation[i * batch_size : (i + 1) * batch_size]
-        yield _take(data, indices)
+        yield _take(data, indices if rows is None else indices[rows])
         step += 1
 
 

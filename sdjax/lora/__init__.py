@@ -37,7 +37,9 @@ from sdjax.lora.layers import (
     TEXT_ATTENTION,
     TEXT_MLP,
     UNET_ATTENTION,
+    UNET_CONVS,
     UNET_FEED_FORWARD,
+    Adapter,
     LoRAConfig,
     LoRALinear,
     LoRAParam,
@@ -49,3 +51,4 @@ from sdjax.lora.layers import (
     set_lora_scale,
     unfuse_lora,
 )
+from sdjax.lora.lycoris import LoHa, LoKr

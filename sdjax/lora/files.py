@@ -14,7 +14,17 @@ kohya names the two ``lora_te1_`` and ``lora_te2_`` (``lora_te_`` is SD1/SD2's o
 
 SD1's Transformer2D ``proj_in``/``proj_out`` are 1×1 convolutions, and kohya's LoRAs adapt them too,
 with (r, in, 1, 1) tensors: a 1×1 convolution is a linear map of each pixel's channels, so
-:class:`LoRALinear` adapts those as well. Larger kernels (LoCon / LyCORIS) are not supported.
+:class:`LoRALinear` adapts those as well.
+
+LyCORIS files (kohya layout, same layer names) are read too, the algorithm told apart by each layer's keys:
+
+* LoCon: LoRA on convolutions of any size, ``lora_down.weight`` (r, in, kh, kw) with the layer's stride and
+  padding, ``lora_up.weight`` (out, r, 1, 1): ΔW = (α / r) · up · down, i.e. (out, r) @ (r, in·kh·kw).
+* LoHa: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``; LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``,
+  ``lokr_w2`` or ``lokr_w2_a/_b`` (the formulas: :mod:`sdjax.lora.lycoris`).
+
+Tucker/CP-decomposed convolutions (``lora_mid``, ``hada_t1``, ``lokr_t2``), DoRA (``dora_scale``), (IA)³, GLoRA,
+OFT/BOFT, full/diff, norm and T-LoRA layers are refused by name.
 """
 
 from __future__ import annotations
@@ -35,7 +45,16 @@ from safetensors.numpy import save_file
 
 from sdjax.convert import read_state_dict
 from sdjax.io import listing
-from sdjax.lora.layers import TEXT_PREFIX, LoRALinear, adaptable_layers, adapters_of, file_prefix, replace_layer
+from sdjax.lora.layers import (
+    TEXT_PREFIX,
+    Adapter,
+    LoRALinear,
+    adaptable_layers,
+    adapters_of,
+    file_prefix,
+    replace_layer,
+)
+from sdjax.lora.lycoris import LoHa, LoKr, loha_shape, lokr_shape, torch_weight_shape
 
 LORA_WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry: peft's LoraConfig, per part
@@ -44,16 +63,35 @@ KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 KOHYA_PREFIXES_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
+LORA_LEAVES = ("lora_down.weight", "lora_up.weight")
+KOHYA_LEAVES = {"lora": LORA_LEAVES, "loha": LoHa.FACTORS, "lokr": LoKr.FACTORS}  # besides "alpha"
+# what other adapter kinds' keys end with (kohya layout): refused with their names
+FOREIGN_LEAVES = {
+    "LyCORIS Tucker/CP-decomposed convolutions": ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t1", "lokr_t2"),
+    "DoRA": ("dora_scale",),
+    "(IA)³": ("on_input", "weight"),
+    "GLoRA": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"),
+    "OFT/BOFT": ("oft_blocks", "oft_diag", "rescale"),
+    "LyCORIS full/diff": ("diff", "diff_b"),
+    "LyCORIS norm": ("w_norm", "b_norm"),
+    "T-LoRA": ("q_layer.weight", "p_layer.weight", "lambda_layer"),
+}
+
+
 def _to_torch(layer: LoRALinear) -> tuple[np.ndarray, np.ndarray]:
-    """(down, up) = (Aᵀ (r, in), Bᵀ (out, r)) as float32; (r, in, 1, 1) and (out, r, 1, 1) for a 1×1 conv,
-    as PyTorch's Conv2d LoRA layers hold them."""
-    down, up = (np.asarray(p[...], np.float32).T for p in (layer.lora_A, layer.lora_B))
-    if layer.pointwise_conv:
-        down, up = down[:, :, None, None], up[:, :, None, None]
+    """(down, up) = (Aᵀ (r, in), Bᵀ (out, r)) as float32; (r, in, kh, kw) and (out, r, 1, 1) for a convolution,
+    as PyTorch's Conv2d LoRA / LoCon layers hold them."""
+    a, up = (np.asarray(p[...], np.float32) for p in (layer.lora_A, layer.lora_B))
+    up = up.T
+    if layer.conv_args is None:
+        down = a.T
+    else:  # A (kh·kw·in, r) → (kh, kw, in, r) → (r, in, kh, kw)
+        down = a.reshape(*layer.kernel.shape[:-1], layer.rank).transpose(3, 2, 0, 1)
+        up = up[:, :, None, None]
     return np.ascontiguousarray(down), np.ascontiguousarray(up)
 
 
-def _peft_config(adapters: dict[str, LoRALinear], name_prefix: str) -> dict:
+def _peft_config(adapters: dict[str, Adapter], name_prefix: str) -> dict:
     """peft LoraConfig fields that rebuild these adapters: the most common r and α, with patterns for the rest.
 
     Module names drop CLIP's ``text_model.`` level: peft matches them as suffixes, which then works whether
@@ -85,8 +123,9 @@ def save_lora(
     returns its path.
 
     ``format``: "diffusers" (what ``pipeline.load_lora_weights`` and peft read; r and α per layer go in
-    the header as peft's LoraConfig) or "kohya" (sd-scripts / AUTOMATIC1111 / ComfyUI; α per layer as
-    ``.alpha`` tensors). A ``.safetensors`` path is the file; any other path is a folder that gets
+    the header as peft's LoraConfig) or "kohya" (sd-scripts / AUTOMATIC1111 / ComfyUI / LyCORIS; α per
+    layer as ``.alpha`` tensors; adapters of 3×3 convolutions are written as LoCon, LoHa/LoKr adapters as
+    such). A ``.safetensors`` path is the file; any other path is a folder that gets
     ``pytorch_lora_weights.safetensors``, the name diffusers looks for. Tensors are float32; the
     strength s is not saved (it is chosen when loading).
     """
@@ -102,7 +141,17 @@ def save_lora(
         if module is None:
             continue
         adapters = adapters_of(module, f"save_lora ({part})")
+        lycoris = [n for n, layer in adapters.items() if not isinstance(layer, LoRALinear)]
+        if lycoris and format == "diffusers":
+            raise ValueError(
+                f"save_lora: {len(lycoris)} of the {part}'s adapters are LoHa/LoKr ({lycoris[0]} ...), which the "
+                "diffusers/peft layout cannot hold; save them with format='kohya' (the LyCORIS layout)"
+            )
         for name, layer in adapters.items():
+            if not isinstance(layer, LoRALinear):  # LoHa / LoKr: its factors as the file held them
+                key = prefixes[part] + name.replace(".", "_")
+                tensors |= {f"{key}.{leaf}": value for leaf, value in layer.file_tensors().items()}
+                continue
             down, up = _to_torch(layer)
             if format == "diffusers":
                 tensors[f"{part}.{name}.lora_A.weight"], tensors[f"{part}.{name}.lora_B.weight"] = down, up
@@ -122,12 +171,19 @@ def save_lora(
 
 @dataclasses.dataclass
 class _Adapter:
-    """One layer's LoRA as a file holds it: down (r, in), up (out, r), α (None: not in the file)."""
+    """One layer's adapter as a file holds it: LoRA's down (r, in[, kh, kw]) and up (out, r[, 1, 1]), or
+    LoHa's/LoKr's factors by their names; α (None: not in the file)."""
 
     down: np.ndarray | None = None
     up: np.ndarray | None = None
+    factors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    kinds: set[str] = dataclasses.field(default_factory=set)  # "lora", "loha", "lokr": one, or a broken file
     alpha: float | None = None
     keys: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return next(iter(self.kinds)) if len(self.kinds) == 1 else "lora"
 
 
 def _lora_file(path: Path) -> Path:
@@ -197,26 +253,36 @@ def _parse_kohya(state: dict[str, np.ndarray], names: dict[str, dict[str, str]],
     each part's kohya layer names (module name with . → _) back to module names; a layer the model
     lacks keeps its kohya name (reported by the caller). ``prefixes``: SD's or SDXL's part prefixes."""
     adapters, unsupported = collections.defaultdict(_Adapter), []
+    kind_of = {leaf: kind for kind, leaves in KOHYA_LEAVES.items() for leaf in leaves}
     for key, value in state.items():
         layer, _, leaf = key.partition(".")
         part = next((p for p, prefix in prefixes.items() if layer.startswith(prefix)), None)
-        if part is None or leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
+        if part is None or (leaf not in kind_of and leaf != "alpha"):
             unsupported.append(key)
             continue
         adapter = adapters[part, names[part].get(layer, layer)]
         adapter.keys.append(key)
         if leaf == "alpha":
-            adapter.alpha = value.item() or None  # sd-scripts reads α = 0 as α = r
-        elif leaf == "lora_down.weight":
+            adapter.alpha = value.item() or None  # sd-scripts and LyCORIS read α = 0 as α = r
+            continue
+        adapter.kinds.add(kind_of[leaf])
+        if leaf == "lora_down.weight":
             adapter.down = value
-        else:
+        elif leaf == "lora_up.weight":
             adapter.up = value
+        else:
+            adapter.factors[leaf] = value
     return dict(adapters), unsupported
 
 
 def _unsupported_message(keys: list[str]) -> str:
+    leaf = lambda k: k.partition(".")[2]  # noqa: E731
     kinds = {
-        "LyCORIS (LoHa/LoKr/...)": [k for k in keys if re.search(r"\.(hada_|lokr_|lora_mid\.)", k)],
+        kind: [k for k in keys if leaf(k) in leaves and not k.startswith(PARTS)]
+        for kind, leaves in FOREIGN_LEAVES.items()
+        if kind != "DoRA"
+    } | {
+        "LyCORIS in the diffusers layout": [k for k in keys if k.startswith(PARTS) and re.search(r"\.(hada|lokr)_", k)],
         "DoRA": [k for k in keys if "dora_scale" in k or "lora_magnitude_vector" in k],
         "SDXL's (two text encoders; this model has one)": [
             k for k in keys if k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))
@@ -226,29 +292,44 @@ def _unsupported_message(keys: list[str]) -> str:
     other = sorted(set(keys) - {k for ks in kinds.values() for k in ks})
     if other:
         found.append(f"unrecognised: {listing(other, 3)}")
-    return f"{len(keys)} tensors of a kind sdjax does not load ({'; '.join(found)}); sdjax loads plain LoRA only"
+    return (
+        f"{len(keys)} tensors of a kind sdjax does not load ({'; '.join(found)}); sdjax loads LoRA, LoCon, LoHa "
+        "and LoKr (without Tucker/CP decomposition or DoRA)"
+    )
 
 
 def _check(adapters: dict, layers: dict[str, dict[str, tuple]]) -> list[str]:
     """Every problem that stops ``adapters`` from loading into ``layers``, as messages naming the keys."""
-    conv, unknown, broken, rank, shape = [], [], [], [], []
+    unknown, broken, rank, mixed, shape = [], [], [], [], []
     for (part, name), a in adapters.items():
-        key, factors = a.keys[0], [w for w in (a.down, a.up) if w is not None]
-        if any(w.ndim == 4 and w.shape[2:] != (1, 1) for w in factors):
-            conv.append(f"{key} {factors[0].shape}")
-        elif name not in layers[part]:
+        key = a.keys[0]
+        if len(a.kinds) > 1:
+            mixed.append(f"{key} ({' + '.join(sorted(a.kinds))})")
+            continue
+        if name not in layers[part]:
             unknown.append(key)
-        elif len(factors) < 2 or any(w.ndim not in (2, 4) for w in factors):
+            continue
+        weight = torch_weight_shape(tuple(layers[part][name][1].kernel.shape))  # (out, in[, kh, kw])
+        if a.kind != "lora":  # LoHa, LoKr: their flattened (out, in·kh·kw)
+            try:
+                update = (loha_shape if a.kind == "loha" else lokr_shape)(a.factors)
+            except (KeyError, ValueError) as e:
+                broken.append(f"{key}: {e}")
+                continue
+            if update != (weight[0], int(np.prod(weight[1:]))):
+                shape.append(f"{key}: its update is {update} (out, in·kh·kw), the layer's weight {weight}")
+            continue
+        factors = [w for w in (a.down, a.up) if w is not None]
+        if len(factors) < 2 or any(w.ndim not in (2, 4) for w in factors) or a.up.shape[2:] not in ((), (1, 1)):
             broken.append(f"{key} {[w.shape for w in factors]}")
-        else:
-            (r, d_in), (d_out, r_up) = a.down.shape[:2], a.up.shape[:2]
-            layer_shape = tuple(layers[part][name][1].kernel.shape[-2:])
-            if r != r_up:
-                rank.append(f"{key}: down {a.down.shape} has rank {r}, up {a.up.shape} has {r_up}")
-            elif (d_in, d_out) != layer_shape:
-                shape.append(
-                    f"{key}: the LoRA maps {d_in} → {d_out} features, the layer {layer_shape[0]} → {layer_shape[1]}"
-                )
+        elif a.down.shape[0] != a.up.shape[1]:
+            rank.append(f"{key}: down {a.down.shape} has rank {a.down.shape[0]}, up {a.up.shape} has {a.up.shape[1]}")
+        elif (a.up.shape[0], *a.down.shape[1:]) not in (weight, weight + (1, 1)):  # a 2-D down on a 1×1 conv fits
+            (d_in, *k), d_out = a.down.shape[1:], a.up.shape[0]
+            if len(weight) == 2 and not k:
+                shape.append(f"{key}: the LoRA maps {d_in} → {d_out} features, the layer {weight[1]} → {weight[0]}")
+            else:
+                shape.append(f"{key}: its update is {(d_out, d_in, *k)} (out, in, kh, kw), the layer's weight {weight}")
     other_model = "the LoRA was made for another model (e.g. SDXL, or SD2 on SD1); use one made for this architecture"
     problems = []
     if unknown:
@@ -257,16 +338,14 @@ def _check(adapters: dict, layers: dict[str, dict[str, tuple]]) -> list[str]:
         )
     if shape:
         problems.append(f"{len(shape)} LoRA layers do not fit their layer's shape ({listing(shape, 2)}): {other_model}")
-    if conv:
-        problems.append(
-            f"{len(conv)} convolution LoRA layers (LoCon/LyCORIS, kernels larger than 1×1: {listing(conv, 2)}) "
-            "are not supported; sdjax loads LoRA of linear and 1×1 layers only"
-        )
     if rank:
         problems.append(f"{len(rank)} LoRA layers whose down and up ranks differ ({listing(rank, 2)}): a corrupt file")
+    if mixed:
+        problems.append(f"{len(mixed)} layers mix several adapter kinds' tensors ({listing(mixed, 2)}): a corrupt file")
     if broken:
         problems.append(
-            f"{len(broken)} LoRA layers lack their down or up tensor, or have no matrix shape ({listing(broken)})"
+            f"{len(broken)} LoRA layers lack their down or up tensor, or have no matrix shape, or LoHa/LoKr factors "
+            f"that do not fit together ({listing(broken)})"
         )
     return problems
 
@@ -286,11 +365,16 @@ def load_lora(
     modules had on layers the file does not name are removed, so the modules then hold exactly this
     LoRA. ``path``: a ``.safetensors`` (or pickled ``.bin``) file, or a folder holding
     ``pytorch_lora_weights.safetensors``. Nothing changes unless the whole file fits: unknown layouts,
-    layers the model lacks (a LoRA for another architecture), convolution LoRA, rank or shape
-    mismatches raise ValueError naming the keys.
+    layers the model lacks (a LoRA for another architecture), rank or shape mismatches, adapter kinds
+    sdjax does not implement (Tucker, DoRA, (IA)³, OFT ...) raise ValueError naming the keys.
 
-    Returns a report: {"format", "unet": [layer names], "text_encoder": [layer names], "text_encoder_2":
-    [layer names], "ranks", "alphas", "scale"}.
+    LyCORIS files (kohya layout) load the same way: LoCon layers (LoRA on 3×3 convolutions) become
+    :class:`LoRALinear` adapters computing their branch at call time; LoHa and LoKr layers become
+    :class:`sdjax.lora.lycoris.LoHa` / ``LoKr`` adapters that add s · ΔW to W at call time. Either way the
+    strength stays array state (:func:`set_lora_scale` does not recompile) and :func:`fuse_lora` bakes it in.
+
+    Returns a report: {"format", "kinds" (of "lora", "locon", "loha", "lokr"), "unet": [layer names],
+    "text_encoder": [layer names], "text_encoder_2": [layer names], "ranks", "alphas", "scale"}.
     """
     file = _lora_file(Path(path))
     state = read_state_dict(file)
@@ -302,13 +386,17 @@ def load_lora(
         n
         for part in PARTS
         for n, (_, m) in layers[part].items()
-        if isinstance(m, LoRALinear) and m.fused_scale is not None
+        if isinstance(m, Adapter) and m.fused_scale is not None
     ]
     if fused:
         raise ValueError(f"{len(fused)} adapters are fused ({fused[0]} ...): unfuse_lora before loading another LoRA")
     if state and all(k.startswith("lora_") for k in state):
         fmt = "kohya"
-        kohya_names = {p: {prefix + n.replace(".", "_"): n for n in layers[p]} for p, prefix in prefixes.items()}
+        # text encoders' layers also without CLIP's text_model. level (LyCORIS on a transformers 5 CLIPTextModel)
+        kohya_names = {
+            p: {prefix + m.replace(".", "_"): n for n in layers[p] for m in {n, n.removeprefix(TEXT_PREFIX)}}
+            for p, prefix in prefixes.items()
+        }
         adapters, unsupported = _parse_kohya(state, kohya_names, prefixes)
     elif state and all(k.split(".")[0] in PARTS for k in state):
         fmt = "diffusers"
@@ -337,27 +425,41 @@ def load_lora(
     if problems:
         raise ValueError(f"{file} does not fit this model: " + "; ".join(problems))
 
-    report = {"format": fmt, **{part: [] for part in PARTS}, "ranks": set(), "alphas": set(), "scale": scale}
+    report = {"format": fmt, "kinds": set(), **{part: [] for part in PARTS}, "ranks": set(), "alphas": set()}
     for part, module in modules.items():
         for name, (path_in_module, layer) in layers[part].items():
             adapter = adapters.get((part, name))
             if adapter is None:
-                if isinstance(layer, LoRALinear):
+                if isinstance(layer, Adapter):
                     replace_layer(module, path_in_module, layer.base_layer())
                 continue
-            down, up = adapter.down.reshape(adapter.down.shape[:2]), adapter.up.reshape(adapter.up.shape[:2])
-            r = down.shape[0]
-            if not isinstance(layer, LoRALinear) or layer.rank != r:
-                base = layer.base_layer() if isinstance(layer, LoRALinear) else layer
-                layer = LoRALinear(base, rank=r, rngs=None)
-                replace_layer(module, path_in_module, layer)
-            dtype = layer.kernel.dtype
-            layer.lora_A.set_value(jnp.asarray(down.T, dtype))
-            layer.lora_B.set_value(jnp.asarray(up.T, dtype))
-            layer.lora_alpha.set_value(jnp.float32(r if adapter.alpha is None else adapter.alpha))
+            base = layer.base_layer() if isinstance(layer, Adapter) else layer
+            if adapter.kind == "lora":
+                layer = _lora_layer(layer, base, adapter)
+                kind = "locon" if layer.spatial_conv else "lora"
+            else:
+                kind = adapter.kind
+                layer = (LoHa if kind == "loha" else LoKr)(base, adapter.factors, alpha=adapter.alpha)
             layer.lora_scale.set_value(jnp.float32(scale))
+            replace_layer(module, path_in_module, layer)
             report[part].append(name)
-            report["ranks"].add(r)
+            report["kinds"].add(kind)
+            report["ranks"].add(layer.rank)
             report["alphas"].add(layer.alpha)
-    report["ranks"], report["alphas"] = sorted(report["ranks"]), sorted(report["alphas"])
-    return report
+    return report | {key: sorted(report[key]) for key in ("kinds", "ranks", "alphas")} | {"scale": scale}
+
+
+def _lora_layer(layer, base, adapter: _Adapter) -> LoRALinear:
+    """``layer`` (an adapter of the right rank, reused) or a new :class:`LoRALinear` on ``base``, holding
+    ``adapter``'s down (r, in[, kh, kw]) and up (out, r[, 1, 1]) as A (kh·kw·in, r) and B (r, out)."""
+    down, up = adapter.down, adapter.up.reshape(adapter.up.shape[:2])
+    r = down.shape[0]
+    if down.ndim == 2:
+        down = down[:, :, None, None]
+    if not isinstance(layer, LoRALinear) or layer.rank != r:
+        layer = LoRALinear(base, rank=r, rngs=None)
+    dtype = layer.kernel.dtype
+    layer.lora_A.set_value(jnp.asarray(down.transpose(2, 3, 1, 0).reshape(-1, r), dtype))  # (kh, kw, in, r), flat
+    layer.lora_B.set_value(jnp.asarray(up.T, dtype))
+    layer.lora_alpha.set_value(jnp.float32(r if adapter.alpha is None else adapter.alpha))
+    return layer
