@@ -11,6 +11,7 @@
     sdjax train-ti --images DIR --token "<sks>" --init-word ring --out learned_embeds.safetensors
     sdjax train-dreambooth --images DIR --prompt "a sks shape" --class-prompt "a shape" --out runs/dreambooth
     sdjax txt2img --lora lora.safetensors:0.8 --embedding learned_embeds.safetensors --prompt "a <sks> ..."
+    sdjax train-finetune --dataset lambdalabs/pokemon-blip-captions --ckpt MODEL [--ema-decay 0.9999 --min-snr-gamma 5]
 
 ``train-ae`` trains the autoencoder of notebook 01 (``--model ae``) or the VAE of notebook 02
 (``--model vae``) offline on ``shapes``/``digits`` or on a Hugging Face dataset when online. Run it
@@ -24,6 +25,11 @@ folder of images (``sdjax.finetune``: random crops and flips, one instance promp
 beside each image) and write the LoRA file, the embedding or the whole model; ``txt2img``/``img2img``
 then take them with ``--lora PATH[:SCALE]`` and ``--embedding PATH``. Without ``--class-prompt``,
 ``train-dreambooth`` is a plain fine-tune of the UNet on the images and their captions.
+
+``train-finetune`` fine-tunes the whole UNet on a captioned dataset (the text-to-image recipe): a Hugging Face
+dataset name, a folder written by ``save_to_disk``, an ``imagefolder`` with ``metadata.jsonl``, parquet/arrow files
+or a folder of images with ``NAME.txt`` captions (:mod:`sdjax.captioned`); ``--checkpoint`` resumes an interrupted
+run, and with ``--ema-decay`` the EMA weights are the ones written.
 
 ``convert`` reads Stable Diffusion weights from a diffusers folder, a CompVis single file or an
 sdjax folder, and writes them in any of the three layouts (see ``sdjax.convert``).
@@ -181,6 +187,26 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_models(args: argparse.Namespace) -> int:
+    """sdjax merge: weighted sum / add difference / per-block weights (sdjax.merge.merge), or LoRAs baked in."""
+    from sdjax import merge
+
+    if args.lora:
+        if len(args.models) != 1 or args.blocks:
+            raise ValueError("--lora bakes adapters into one model: give one model and no --blocks (merge first)")
+        loras = []
+        for spec in args.lora:
+            path, _, strength = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+            loras.append((path, float(strength) if strength else 1.0))
+        out = merge.bake_lora(args.models[0], loras, args.output)
+        print(f"wrote {out}: {args.models[0]} with {', '.join(f'{p} × {s}' for p, s in loras)} baked in")
+        return 0
+    out = merge.merge(args.models, args.output, alpha=args.alpha, block_weights=args.blocks, dtype=args.dtype)
+    how = "weighted sum (1 − α)A + αB" if len(args.models) == 2 else "add difference A + α(B − C)"
+    print(f"wrote {out}: {how}, " + (f"block weights {args.blocks}" if args.blocks else f"α = {args.alpha}"))
+    return 0
+
+
 def strip_solutions(args: argparse.Namespace) -> int:
     """Write the student edition of each notebook (``sdjax.editions.student_edition``), or with ``--check`` only
     compare them with the ones already written: exit status 1 if any is missing or out of date."""
@@ -247,18 +273,11 @@ def _finetune(args: argparse.Namespace, method: str) -> int:
         flip=not args.no_flip,
         dtype="bfloat16" if args.bf16 else "float32",
         remat=args.remat,
+        optimizer=args.optimizer,
         seed=args.seed,
         **_method_options(args, method),
     )
-    if args.ckpt is None:
-        from sdjax.tiny_sd import BUNDLE
-
-        args.ckpt = str(BUNDLE)
-        print(f"no --ckpt: fine-tuning the bundled tiny model ({BUNDLE})")
-    from sdjax import StableDiffusion
-
-    pipe = StableDiffusion.from_pretrained(args.ckpt)
-    pipe.progress = False
+    pipe = _pipeline_to_finetune(args.ckpt)
     what = f"'{prompt}'" if isinstance(prompt, str) else "their captions"
     print(f"{len(images)} images × {config.views_per_image} views, {what}; {method}, {config.steps} steps")
     start = time.perf_counter()
@@ -275,6 +294,74 @@ def _finetune(args: argparse.Namespace, method: str) -> int:
     print(
         f"trained in {time.perf_counter() - start:.0f} s (loss {np.mean(loss[:10]):.4f} → {np.mean(loss[-10:]):.4f}); "
         f"wrote {path}"
+    )
+    return 0
+
+
+def _pipeline_to_finetune(ckpt: str | None):
+    """The model a fine-tuning command starts from (default: the bundled tiny model)."""
+    from sdjax import StableDiffusion
+
+    if ckpt is None:
+        from sdjax.tiny_sd import BUNDLE
+
+        ckpt = str(BUNDLE)
+        print(f"no --ckpt: fine-tuning the bundled tiny model ({BUNDLE})")
+    pipe = StableDiffusion.from_pretrained(ckpt)
+    pipe.progress = False
+    return pipe
+
+
+def _finetune_dataset(args: argparse.Namespace, method: str) -> int:
+    """train-finetune: the whole UNet on a captioned dataset (sdjax.captioned, finetune.dataset_training_data)."""
+    import time
+
+    import numpy as np
+
+    from sdjax import captioned, finetune
+
+    config = finetune.FinetuneConfig(
+        method=method,
+        steps=args.max_train_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        views_per_image=args.views_per_image,
+        center_crop=args.center_crop,
+        flip=not args.no_flip,
+        caption_dropout=args.caption_dropout,
+        ema_decay=args.ema_decay,
+        min_snr_gamma=args.min_snr_gamma,
+        dtype="bfloat16" if args.bf16 else "float32",
+        remat=args.remat,
+        optimizer=args.optimizer,
+        seed=args.seed,
+    )
+    dataset = captioned.load_captioned(
+        args.dataset,
+        split=args.split,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        limit=args.max_samples,
+    )
+    print(f"{args.dataset} ({dataset.layout}): {len(dataset)} captioned images, e.g. {dataset.captions[0]!r}")
+    pipe = _pipeline_to_finetune(args.ckpt)
+    start = time.perf_counter()
+    data = finetune.dataset_training_data(pipe, dataset, config, resolution=args.resolution)
+    print(
+        f"{len(data['latent'])} views ({config.views_per_image} per image, "
+        f"{'centre' if config.center_crop else 'random'} crops{', flips' if config.flip else ''}) encoded to latents "
+        f"{data['latent'].shape[1:]} in {time.perf_counter() - start:.0f} s"
+    )
+    if args.checkpoint and Path(args.checkpoint).exists():
+        print(f"resuming from {args.checkpoint}")
+    start = time.perf_counter()
+    result = finetune.finetune(pipe, data, config, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
+    path = finetune.save(pipe, config, args.out, format=args.format)
+    loss = result.history["loss"]
+    weights = f"EMA weights (decay {config.ema_decay})" if config.ema_decay is not None else "weights"
+    print(
+        f"trained to step {result.history['step'][-1]} in {time.perf_counter() - start:.0f} s "
+        f"(loss {np.mean(loss[:10]):.4f} → {np.mean(loss[-10:]):.4f}); wrote the {weights} to {path}"
     )
     return 0
 
@@ -305,6 +392,8 @@ def _finetune_arguments(p: argparse.ArgumentParser, out: str, steps: int, format
     p.add_argument("--no-flip", action="store_true", help="no left-right flips (text, asymmetric subjects)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (float32 master weights)")
     p.add_argument("--remat", action="store_true", help="recompute UNet activations in the backward pass: less memory")
+    p.add_argument("--optimizer", choices=["adam", "adafactor"], default="adam",
+                   help="adafactor: factored optimizer state, megabytes instead of 2× the weights (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -344,6 +433,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", choices=["sdjax", "diffusers", "compvis"], default=None, help="override the layout")
     p.set_defaults(func=convert)
 
+    p = sub.add_parser("merge", help="merge checkpoints (weighted sum, add difference, per-block α) or bake in LoRAs")
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL",
+        help="A B: weighted sum (1 − α)A + αB; A B C: add difference A + α(B − C); one model with --lora",
+    )  # fmt: skip
+    p.add_argument("-o", "--output", required=True, help="a .safetensors file (CompVis inputs) or a folder")
+    p.add_argument("--alpha", type=float, default=0.5, help="α (%(default)s); BASE's α when --blocks has 25 weights")
+    p.add_argument("--blocks", metavar="W,W,…", help="one α per UNet block: 25 (IN00…IN11, M00, OUT00…OUT11) or 26 "
+                   "(BASE first) for SD1/SD2")  # fmt: skip
+    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="bake a LoRA/LyCORIS file in (repeats)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: A's)")
+    p.set_defaults(func=merge_models)
+
     p = sub.add_parser("strip-solutions", help="write learners' copies of notebooks with exercise solutions removed")
     p.add_argument("src", help="a notebook or a folder of notebooks")
     p.add_argument("dst", help="output notebook or folder")
@@ -376,6 +478,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-loss-weight", type=float, default=1.0, help="λ (%(default)s)")
     p.set_defaults(func=functools.partial(_finetune, method="dreambooth"))
 
+    p = sub.add_parser(
+        "train-finetune", help="fine-tune the whole UNet on a captioned dataset (Hugging Face name or local folder)"
+    )
+    p.add_argument("--dataset", required=True, metavar="NAME_OR_PATH", help="Hub name, or a local folder/file")
+    p.add_argument("--split", default="train", help="the split to train on (%(default)s)")
+    p.add_argument("--image-column", default="image", help="the column of the images (%(default)s)")
+    p.add_argument("--caption-column", default="text", help="the column of the captions (%(default)s)")
+    p.add_argument("--max-samples", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--ckpt", metavar="PATH", help="the model to fine-tune (default: the bundled tiny model)")
+    p.add_argument("--out", default="runs/finetune", help="where the model goes (%(default)s)")
+    p.add_argument("--format", choices=["sdjax", "diffusers", "compvis"], default=None,
+                   help="layout of --out (default: compvis for a .safetensors path, else sdjax)")  # fmt: skip
+    p.add_argument("--resolution", type=int, default=None, help="training size (default: the model's)")
+    p.add_argument("--center-crop", action="store_true", help="centre crops (default: random crops)")
+    p.add_argument("--no-flip", action="store_true", help="no random left-right flips")
+    p.add_argument("--views-per-image", type=int, default=1, help="crops drawn (once) per image (%(default)s)")
+    p.add_argument("--max-train-steps", type=int, default=500, help="optimizer steps in all (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4; SD1.5: 1e-5)")
+    p.add_argument("--caption-dropout", type=float, default=0.0, help="share of empty captions (e.g. 0.1)")
+    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA (e.g. 0.9999): it is what is saved")
+    p.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5)")
+    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (float32 master weights)")
+    p.add_argument("--remat", action="store_true", help="recompute UNet activations in the backward pass: less memory")
+    p.add_argument("--optimizer", choices=["adam", "adafactor"], default="adam",
+                   help="adafactor: factored optimizer state, megabytes instead of 2× the weights (%(default)s)")
+    p.add_argument("--checkpoint", metavar="FILE", help="resume from FILE if it exists; save the train state there")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (%(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=functools.partial(_finetune_dataset, method="full"))
+
     args = parser.parse_args(argv)
     if isinstance(args.func, functools.partial):
         try:
@@ -383,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
             return 2
-    if args.func not in (txt2img.txt2img, txt2img.img2img):
+    if args.func not in (txt2img.txt2img, txt2img.img2img, merge_models):
         return args.func(args)
     try:
         return args.func(args)

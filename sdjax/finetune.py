@@ -33,6 +33,30 @@ back to the training size, and horizontal flips. Crops matter — a model shown 
 the subject's silhouette and loses its detail — and flips double the data for free (unless the subject
 is not mirror-symmetric: text, logos). The views are encoded by the VAE once, before training.
 
+A captioned dataset (``full``, :func:`dataset_training_data`; the pokemon-blip-captions recipe): hundreds
+of (image, caption) pairs read lazily by :mod:`sdjax.captioned`. Each image's shorter side is resized to
+the training size R and an R × R square cut from it, at the centre (``center_crop``) or at a random place,
+mirrored with probability 1/2 (``flip``). The views are drawn once, before training — ``views_per_image``
+of them per image, each with its own crop and flip — and encoded to latents by the VAE, so only the
+latents (R/8 × R/8 × 4 floats an image) stay in memory; the crops are not redrawn each epoch (raise
+``views_per_image`` for more variety). Three options of the text-to-image recipe go with it:
+
+* caption dropout: with probability p a caption is replaced by the empty prompt, so the unconditional
+  prediction that classifier-free guidance needs keeps training;
+* EMA (``ema_decay`` d): θ_ema ← d θ_ema + (1 − d) θ after every step; the pipeline ends with θ_ema, the
+  weights that are saved (the raw ones are in the result's ``state.params``);
+* min-SNR-γ weighting (Hang et al. 2023, ``min_snr_gamma`` γ): with SNR(t) = ᾱ_t / (1 − ᾱ_t), each
+  example's squared error is multiplied by
+
+      w(t) = min(SNR(t), γ) / SNR(t)        (ε-prediction),
+      w(t) = min(SNR(t), γ) / (SNR(t) + 1)  (v-prediction),
+      w(t) = min(SNR(t), γ)                  (x_0-prediction),
+
+  all three the weight min(SNR, γ) on the error of the implied x̂_0, since ‖ε − ε̂‖² = SNR ‖x_0 − x̂_0‖² and
+  ‖v − v̂‖² = (SNR + 1) ‖x_0 − x̂_0‖². The plain ε loss thus weighs nearly clean x_t (SNR ≫ 1) most; Hang
+  et al. see the timesteps as tasks whose gradients conflict, cap the weight at γ, and report about 3.4×
+  faster convergence with γ = 5.
+
 Memory: ``dtype="bfloat16"`` runs the networks in bf16 while the optimizer keeps float32 master weights;
 ``remat=True`` recomputes each UNet block's activations in the backward pass (``jax.checkpoint``);
 ``sdjax.train.fit`` shards every batch over all local devices (data parallel).
@@ -53,14 +77,14 @@ from flax import nnx
 from PIL import Image
 
 from sdjax import convert, lora, textual_inversion
+from sdjax.captioned import CaptionedImages, image_files
 from sdjax.pipeline import StableDiffusion
-from sdjax.schedulers import q_sample, training_target
+from sdjax.schedulers import NoiseSchedule, q_sample, training_target
 from sdjax.tiny_sd import TextToLatent, conditional_diffusion_loss, encode_means
 from sdjax.train import FitResult, fit
 
 Array = jax.Array
 METHODS = ("lora", "textual_inversion", "dreambooth", "full")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclasses.dataclass
@@ -77,6 +101,7 @@ class FinetuneConfig:
     alpha: float | None = None  # None: α = r, so the update is A B itself
     lora_dropout: float = 0.0
     lora_text_encoder: bool = False  # also adapt CLIP's attention projections
+    lora_convs: bool = False  # LoCon: also the UNet's ResNet and sampler convolutions (3×3 too; lora.UNET_CONVS)
     # textual inversion: the new token and the word whose embedding it starts from
     token: str | None = None
     init_word: str | None = None
@@ -88,9 +113,14 @@ class FinetuneConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)  # side of a crop as a fraction of the image side
     flip: bool = True
     caption_dropout: float = 0.0  # train the unconditional prediction too (needed by full fine-tunes)
+    center_crop: bool = False  # captioned datasets: centre (else random) crop after resizing the shorter side
+    # training
+    ema_decay: float | None = None  # d: keep θ_ema and end with it (the weights saved)
+    min_snr_gamma: float | None = None  # γ of min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper)
     # memory
     dtype: str = "float32"
     remat: bool = False
+    optimizer: str = "adam"  # or "adafactor": a factored second moment, no first (full fine-tuning in 16 GB)
     seed: int = 0
 
     def __post_init__(self):
@@ -106,12 +136,23 @@ class FinetuneConfig:
             raise ValueError(f"crop_scale={self.crop_scale}: expected 0 < low ≤ high ≤ 1 (fractions of the side)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout}: expected a probability in [0, 1]")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay}: expected 0 ≤ d < 1 (e.g. 0.9999), or None for no EMA")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma={self.min_snr_gamma}: expected γ > 0 (e.g. 5), or None for no weighting")
 
     @property
     def lr(self) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
 
 
+# Adam keeps two float32 moments per trained weight (6.9 GB for SD1.5's UNet); Adafactor (Shazeer & Stern
+# 2018) keeps, per matrix, one row and one column of its second moment and no first moment: megabytes.
+OPTIMIZERS = {"adam": optax.adam, "adafactor": optax.adafactor}
 DEFAULT_LR = {"lora": 1e-3, "textual_inversion": 5e-3, "dreambooth": 1e-4, "full": 1e-4}
 
 
@@ -124,12 +165,7 @@ def load_image_folder(path: str | os.PathLike) -> tuple[list[Image.Image], list[
     """Every image in a folder (sorted by name) as RGB PIL images of any size, and their captions when
     each image has one beside it in a text file of the same name (``cat1.png`` + ``cat1.txt``, the layout
     kohya's scripts and most captioned fine-tuning sets use), else None."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder; give a folder holding the training images")
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    files = image_files(path)
     texts = [f.with_suffix(".txt") for f in files]
     captions = [t.read_text(encoding="utf-8").strip() for t in texts] if all(t.is_file() for t in texts) else None
     return [Image.open(f).convert("RGB") for f in files], captions
@@ -219,6 +255,65 @@ def draw_class_images(sd: StableDiffusion, class_prompt: str, n: int, seed: int 
     return images * 2.0 - 1.0
 
 
+def resize_and_crop(
+    image: Image.Image, resolution: int, rng: np.random.Generator, center_crop: bool = False, flip: bool = True
+) -> np.ndarray:
+    """One training view of a dataset image: the shorter side resized to ``resolution`` (Lanczos), a
+    ``resolution``² square cut at the centre or at a uniformly random place along the longer side, mirrored
+    left–right with probability 1/2 when ``flip``. Returns (resolution, resolution, 3) float32 in [−1, 1]."""
+    image = _as_pil(image)
+    w, h = image.size
+    scale = resolution / min(w, h)
+    w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((w, h), Image.LANCZOS)
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = rng.integers(0, w - resolution + 1), rng.integers(0, h - resolution + 1)
+    view = image.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(view, np.float32) / 127.5 - 1.0
+
+
+def dataset_training_data(
+    sd: StableDiffusion,
+    dataset: CaptionedImages,
+    config: FinetuneConfig,
+    *,
+    resolution: int | None = None,
+    chunk: int = 32,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """``fit``'s data for fine-tuning on a captioned dataset (:func:`sdjax.captioned.load_captioned`):
+    {"latent": (N·V, h, w, 4), "ids": (N·V, 77)}, V = ``views_per_image`` views of each image
+    (:func:`resize_and_crop` with ``center_crop`` and ``flip``; drawn once, from ``seed``), with its caption.
+    (The config's default V = 32 suits a few images; for a dataset of hundreds V = 1 is the usual choice.)
+
+    Images are read one at a time and encoded about ``chunk`` views at a time, so memory holds the latents
+    and a chunk of views in pixels, never the whole set. ``resolution``: as in :func:`training_data`.
+    """
+    from tqdm import tqdm
+
+    resolution = resolution or sd.unet.config.sample_size * sd.vae_scale_factor
+    rng = np.random.default_rng(config.seed)
+    latents, views = [], []
+    for i in tqdm(range(len(dataset)), desc="encode", disable=not progress, mininterval=1.0):
+        image = dataset.image(i)
+        views += [
+            resize_and_crop(image, resolution, rng, config.center_crop, config.flip)
+            for _ in range(config.views_per_image)
+        ]
+        if len(views) >= chunk or i == len(dataset) - 1:
+            latents.append(encode_latents(sd, np.stack(views)))
+            views = []
+    captions = [c for c in dataset.captions for _ in range(config.views_per_image)]
+    return {
+        "latent": np.concatenate(latents),
+        "ids": np.asarray(sd.tokenizer(sd.tokenizer.expand(captions)), np.int32),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
@@ -233,8 +328,21 @@ def _trainable(config: FinetuneConfig):
     return nnx.All(nnx.Param, nnx.PathContains("unet"))
 
 
+def min_snr_weight(schedule: NoiseSchedule, t: Array, gamma: float) -> Array:
+    """Min-SNR-γ loss weights (Hang et al. 2023) at timesteps t (B,) int: min(SNR, γ)/SNR for ε-prediction,
+    min(SNR, γ)/(SNR + 1) for v-prediction, min(SNR, γ) for x_0-prediction. (B,) float32."""
+    snr = schedule.snr(t)
+    clipped = jnp.minimum(snr, gamma)
+    if schedule.prediction_type == "epsilon":
+        return clipped / snr
+    if schedule.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
 def _loss(sd: StableDiffusion, config: FinetuneConfig, new_rows: np.ndarray | None):
-    """The weighted denoising loss (tiny_sd.conditional_diffusion_loss), with two wrappers:
+    """The weighted denoising loss (tiny_sd.conditional_diffusion_loss; min-SNR-γ weighted with
+    ``min_snr_gamma``), with two wrappers:
 
     * textual inversion: the embedding table E trains as a whole, but rows other than the new tokens'
       pass through ``stop_gradient``, so their gradient is exactly 0 and Adam leaves them unchanged:
@@ -246,7 +354,9 @@ def _loss(sd: StableDiffusion, config: FinetuneConfig, new_rows: np.ndarray | No
     return).
     """
     empty_ids = np.asarray(sd.tokenizer([""]), np.int32)[0]
-    base = conditional_diffusion_loss(sd.schedule, empty_ids, config.caption_dropout)
+    gamma = config.min_snr_gamma
+    weight = None if gamma is None else functools.partial(min_snr_weight, sd.schedule, gamma=gamma)
+    base = conditional_diffusion_loss(sd.schedule, empty_ids, config.caption_dropout, timestep_weight=weight)
     dtype = jnp.dtype(config.dtype)
 
     def loss_fn(model: TextToLatent, batch, key):
@@ -274,13 +384,17 @@ def finetune(
     *,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
 ) -> FitResult:
     """Fine-tune ``sd`` in place on ``data`` (from :func:`training_data`) by ``config.method``.
 
     Before training, ``lora`` adds fresh adapters (B = 0, so the model starts unchanged) to the UNet's
     attention projections (and CLIP's with ``lora_text_encoder``), unless the UNet has adapters already
     (they train on). ``textual_inversion`` needs ``config.token`` added first
-    (``textual_inversion.add_token``; :func:`run` does it) and prompts in ``data`` that use it. Returns
+    (``textual_inversion.add_token``; :func:`run` does it) and prompts in ``data`` that use it. With
+    ``config.ema_decay``, ``sd`` ends with the EMA weights (the last raw ones are in ``result.state.params``).
+    ``checkpoint``: a file to resume from if it exists and to save to (every ``checkpoint_every`` steps and
+    at the end); resuming with the same config and data gives the weights of an uninterrupted run. Returns
     ``fit``'s result (its ``history`` holds the loss).
     """
     if sd.dtype != jnp.float32:
@@ -290,7 +404,8 @@ def finetune(
         )
     new_rows = None
     if config.method == "lora" and not lora.lora_layers(sd.unet):  # (existing adapters train on)
-        cfg = lora.LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout)
+        targets = lora.LoRAConfig.targets + (lora.UNET_CONVS if config.lora_convs else ())
+        cfg = lora.LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets)
         lora.add_lora(sd.unet, cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed))
         if config.lora_text_encoder:
             lora.add_lora(sd.text_encoder, cfg, rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 1))
@@ -316,9 +431,11 @@ def finetune(
             data,
             steps=config.steps,
             batch_size=config.batch_size,
-            optimizer=optax.adam(config.lr),
+            optimizer=OPTIMIZERS[config.optimizer](config.lr),
             seed=config.seed,
+            ema_decay=config.ema_decay,
             checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
             progress=progress,
             desc=f"fine-tune · {config.method}",
             trainable=_trainable(config),
@@ -326,6 +443,8 @@ def finetune(
     finally:
         sd.unet.remat = False
         model.eval()
+    if result.state.ema is not None:
+        nnx.update(model, result.state.ema)  # the pipeline keeps (and save writes) the EMA weights
     return result
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -283,13 +284,18 @@ class TextToLatent(nnx.Module):
 
 
 def conditional_diffusion_loss(
-    schedule: NoiseSchedule, empty_ids: np.ndarray, dropout: float, inputs: tuple[str, ...] = ()
+    schedule: NoiseSchedule,
+    empty_ids: np.ndarray,
+    dropout: float,
+    inputs: tuple[str, ...] = (),
+    timestep_weight: Callable[[Array], Array] | None = None,
 ):
     """L_simple with caption dropout, in ``fit``'s form: batch {"latent": z_0 (B, h, w, 4) scaled,
     "ids": (B, 77)}; each caption is replaced by the empty prompt's ``empty_ids`` with probability ``dropout``.
     An optional "weight" (B,) weighs each example's squared error (DreamBooth's prior-preservation λ):
     L = mean_i w_i ‖ε_i − ε̂_i‖² / (h·w·4). ``inputs``: names of further batch entries the model takes after
-    the ids (a ControlNet's condition image, :mod:`sdjax.controlnet_training`)."""
+    the ids (a ControlNet's condition image, :mod:`sdjax.controlnet_training`). ``timestep_weight``: t (B,) →
+    a weight (B,) for each example's squared error too (min-SNR-γ, :func:`sdjax.finetune.min_snr_weight`)."""
     empty = jnp.asarray(empty_ids, jnp.int32)
 
     def loss_fn(model: TextToLatent, batch, key):
@@ -301,9 +307,10 @@ def conditional_diffusion_loss(
         eps = jax.random.normal(key_eps, z0.shape, jnp.float32)
         prediction = model(q_sample(schedule, z0, t, eps), t, ids, *(batch[name] for name in inputs))
         error = (prediction.astype(jnp.float32) - training_target(schedule, z0, t, eps)) ** 2
-        if "weight" not in batch:
+        if "weight" not in batch and timestep_weight is None:
             return jnp.mean(error), {}
-        return jnp.mean(batch["weight"] * jnp.mean(error, axis=(1, 2, 3))), {}
+        weight = batch.get("weight", 1.0) * (1.0 if timestep_weight is None else timestep_weight(t))
+        return jnp.mean(weight * jnp.mean(error, axis=(1, 2, 3))), {}
 
     return loss_fn
 
