@@ -27,6 +27,15 @@ The programs, for each image size H×W (latents H/8 × W/8 × 4):
   the MSE against a random target, no optimizer (``--no-train`` leaves it out; ``--train-remat`` adds it
   with ``UNet2D.remat`` on, each block's activations recomputed in the backward pass).
 
+``--finetune`` measures instead what fine-tuning SD1.5 at ``--finetune-latent``² latents (64² = 512² pixels)
+holds: the whole step of :mod:`sdjax.finetune` (``sdjax.train.make_train_step``: the loss of
+``finetune._loss`` through the text encoder and the UNet, in bf16 compute on float32 master weights, its
+gradient, the optimizer's update, the donated state), for LoRA (rank 4 on the UNet's attention, base frozen),
+DreamBooth (the whole UNet; each batch holds as many class images as instance images, so twice the rows) and
+full fine-tuning (the whole UNet), at batch 1 and 4, with and without remat, with Adam (two float32 moments per
+weight) and, for full fine-tuning, Adafactor (``optax.adafactor``: a factored second moment, rows + columns per
+matrix, no first moment).
+
 These are XLA's figures for the backend jax runs on. On a CPU they are the CPU compiler's buffer
 assignment for XLA's einsum-softmax-einsum attention (which writes the T×T scores); a GPU fuses
 differently, adds convolution workspaces and (``--attention auto`` in half precision) runs cuDNN's flash
@@ -51,6 +60,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import jaxlib
+import optax
 from flax import nnx
 
 from sdjax import attention
@@ -218,6 +228,74 @@ def measure_all(args) -> tuple[list[Measured], dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Fine-tuning: the whole training step of sdjax.finetune
+# ---------------------------------------------------------------------------------------------------
+
+FINETUNE_METHODS = ("lora", "dreambooth", "full")
+OPTIMIZERS = {"adam": lambda: optax.adam(1e-5), "adafactor": lambda: optax.adafactor(1e-5)}
+
+
+def finetune_step(method: str, batch: int, latent: int, remat: bool, optimizer: str, size: str):
+    """(jitted step, abstract state, abstract batch, abstract frozen) of sdjax.finetune's training step for SD's
+    UNet + text encoder of ``CONFIGS[size]``: float32 master weights, bf16 compute, what ``finetune`` builds."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sdjax import finetune, lora
+    from sdjax.models.clip import CLIPTextModel
+    from sdjax.schedulers import NoiseSchedule
+    from sdjax.speed import SD_SCHEDULER
+    from sdjax.tiny_sd import TextToLatent
+    from sdjax.tokenizer import CLIPTokenizer
+    from sdjax.train import create_train_state, make_train_step
+
+    unet_cfg, _, text_cfg = CONFIGS[size]
+    config = finetune.FinetuneConfig(method=method, dtype="bfloat16", remat=remat)
+    opt = OPTIMIZERS[optimizer]()
+
+    def build():
+        unet = UNet2D(unet_cfg, rngs=nnx.Rngs(0))
+        if method == "lora":
+            lora.add_lora(unet, lora.LoRAConfig(rank=config.rank), rngs=nnx.Rngs(0))
+        unet.remat = remat
+        return TextToLatent(unet, CLIPTextModel(text_cfg, rngs=nnx.Rngs(1)), freeze_text=False)
+
+    trainable = finetune._trainable(config)
+    graphdef = nnx.split(nnx.eval_shape(build), trainable, ...)[0]
+    state, frozen = jax.eval_shape(lambda: create_train_state(build(), opt, 0, None, trainable)[1:])
+    schedule = NoiseSchedule.from_diffusers_config(SD_SCHEDULER)
+    sd = SimpleNamespace(tokenizer=CLIPTokenizer.from_bpe_file(), schedule=schedule)
+    step = make_train_step(graphdef, finetune._loss(sd, config, None), opt, None)
+    rows = 2 * batch if method == "dreambooth" else batch  # DreamBooth: instance + class images
+    sds = jax.ShapeDtypeStruct
+    data = {"latent": sds((rows, latent, latent, unet_cfg.in_channels), jnp.float32),
+            "ids": sds((rows, TEXT_TOKENS), jnp.int32)}  # fmt: skip
+    if method == "dreambooth":
+        data["weight"] = sds((rows,), jnp.float32)  # λ on the class images
+    trained = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
+    return step, state, data, frozen, trained
+
+
+def measure_finetune(args) -> tuple[list[Measured], dict[str, int]]:
+    results, trained = [], {}
+    f = 8
+    for method in args.finetune_methods:
+        for optimizer in args.optimizers:
+            if method != "full" and optimizer != "adam":
+                continue  # LoRA's optimizer state is megabytes anyway; DreamBooth's is full fine-tuning's
+            for batch in args.finetune_batches:
+                for remat in (False, True):
+                    step, state, data, frozen, n = finetune_step(method, batch, args.finetune_latent, remat, optimizer,
+                                                                 args.size)  # fmt: skip
+                    trained[method] = n
+                    label = f"{method}, {optimizer}, batch {batch}{', remat' if remat else ''}"
+                    size = size_label(args.finetune_latent * f, args.finetune_latent * f)
+                    results.append(measure(label, size, step, state, data, frozen))
+    return results, trained
+
+
+# ---------------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------------
 
@@ -281,6 +359,46 @@ def report(args, results: list[Measured], params: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finetune_report(args, results: list[Measured], trained: dict[str, int]) -> str:
+    device = jax.devices()[0]
+    facts = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "jax / jaxlib / flax / optax": f"{jax.__version__} / {jaxlib.__version__} / {flax.__version__} / "
+        f"{optax.__version__}",
+        "backend": f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores",
+        "model": f"`{args.size}` UNet + text encoder, float32 master weights, bfloat16 compute "
+        "(`FinetuneConfig(dtype='bfloat16')`); trained parameters: "
+        + ", ".join(f"{k} {v / 1e6:.4g} M" for k, v in trained.items()),
+        "step": f"sdjax.train.make_train_step with sdjax.finetune's loss: {args.finetune_latent}² latents, "
+        f"{TEXT_TOKENS}-token captions through the text encoder, value_and_grad, the optimizer, the state donated",
+        "attention": "XLA's path with " + ("all scores at once" if attention.MAX_ATTENTION_SCORES is None else
+                     f"at most {attention.MAX_ATTENTION_SCORES:,} scores at once (query chunks)"),
+        "caveat": caveat(device.platform, args.attention, "bfloat16"),
+    }  # fmt: skip
+    lines = [
+        f"# XLA memory estimate: fine-tuning `{args.size}`, {device.platform}",
+        "",
+        f"`{args.command}`",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in facts.items()],
+        "",
+        "arguments: the train state (trained weights, optimizer moments), the frozen weights and the batch; temp: "
+        "XLA's arena of intermediates (activations kept for the backward pass, gradients, the bf16 copies of the "
+        "weights); output − alias: what the donated state does not absorb; sum = what the step holds. GiB = 2³⁰ "
+        "bytes. DreamBooth's batch n is n instance + n class images.",
+        "",
+        "| method, optimizer, batch | size | arguments GiB | temp GiB | sum GiB | fits 16 GiB | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        fits = "yes" if r.total <= 16 * GIB else "no"
+        lines.append(f"| {r.program} | {r.size} | {gib(r.arguments)} | {gib(r.temp)} | {gib(r.total)} | {fits} | "
+                     f"{r.compile_s:.1f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------
@@ -301,8 +419,20 @@ def parse_args(argv=None):
         "--whole-attention", action="store_true",
         help="XLA's attention with all scores at once (attention.MAX_ATTENTION_SCORES = None), not in query chunks",
     )  # fmt: skip
+    parser.add_argument("--finetune", action="store_true", help="measure fine-tuning steps (LoRA, DreamBooth, full)")
+    parser.add_argument("--finetune-methods", default=",".join(FINETUNE_METHODS), help="comma-separated (%(default)s)")
+    parser.add_argument("--finetune-batches", default="1,4", help="comma-separated batch sizes (%(default)s)")
+    parser.add_argument("--finetune-latent", type=int, default=64, help="latent side (64: 512² pixels)")
+    parser.add_argument("--optimizers", default="adam,adafactor", help=f"comma-separated, of {sorted(OPTIMIZERS)}")
     parser.add_argument("--out", help="also write the report here (default: print only)")
     args = parser.parse_args(argv)
+    args.finetune_methods = [m for m in args.finetune_methods.split(",") if m]
+    args.finetune_batches = [int(b) for b in args.finetune_batches.split(",") if b]
+    args.optimizers = [o for o in args.optimizers.split(",") if o]
+    bad = [m for m in args.finetune_methods if m not in FINETUNE_METHODS] + [
+        o for o in args.optimizers if o not in OPTIMIZERS]  # fmt: skip
+    if bad:
+        parser.error(f"unknown {bad}: methods are {FINETUNE_METHODS}, optimizers {sorted(OPTIMIZERS)}")
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     unet_cfg, vae_cfg, _ = CONFIGS[args.size]
     multiple = 2 ** (len(vae_cfg.block_out_channels) - 1) * unet_cfg.downsample_factor
@@ -327,8 +457,12 @@ def main(argv=None) -> Report:
     try:
         if args.whole_attention:
             attention.MAX_ATTENTION_SCORES = None
-        results, params = measure_all(args)
-        text = report(args, results, params)
+        if args.finetune:
+            results, trained = measure_finetune(args)
+            text = finetune_report(args, results, trained)
+        else:
+            results, params = measure_all(args)
+            text = report(args, results, params)
     finally:
         attention.MAX_ATTENTION_SCORES = bound
     if args.out:

@@ -6,7 +6,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.nn            the building blocks: ResnetBlock, Down/Upsample, attention layers, the transformer
     sdjax.attention     which kernel computes attention (cuDNN or XLA) and how it fits in memory
     sdjax.data          offline datasets (shapes, digits), Hugging Face datasets, shuffled batches
-    sdjax.devices       data parallelism: a batch split over the local devices
+    sdjax.devices       data parallelism on one host or many (jax.distributed): a batch split over the devices
     sdjax.train         the shared training loop: jitted step, EMA, checkpoints
     sdjax.io            safetensors save/load of pytrees and models
     sdjax.models        Autoencoder, AutoencoderKL, VQModel, UNet2D (pixel DDPM, SD), NestedUNet, CLIP, ControlNet
@@ -33,10 +33,13 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.hires         hires fix: draw small, enlarge, redraw with img2img (the web UIs' two passes)
     sdjax.pipeline      StableDiffusion: text to image, image to image, inpainting
     sdjax.tiny_sd       the small text-to-image model trained from scratch and bundled with sdjax
-    sdjax.lora          LoRA layers and files (diffusers/peft and kohya)
+    sdjax.lora          LoRA, LoCon, LoHa and LoKr layers and files (diffusers/peft, kohya/LyCORIS)
     sdjax.textual_inversion  learned token embeddings (diffusers and AUTOMATIC1111 files)
     sdjax.adapters      LoRA and textual inversion as pipeline methods
-    sdjax.finetune      LoRA, textual inversion, DreamBooth and full fine-tuning
+    sdjax.hypernetwork  AUTOMATIC1111 hypernetworks: MLPs on attention's key/value context; load, train, save
+    sdjax.captioned     captioned image datasets (Hub, save_to_disk, imagefolder, parquet, .txt) read lazily
+    sdjax.finetune      LoRA, textual inversion, DreamBooth and full fine-tuning (on a captioned dataset too)
+    sdjax.merge         checkpoint merging (weighted sum, add difference, per-block α, LoRA baking), streamed
     sdjax.controlnet_training  training a ControlNet on a frozen model; the shipped Canny ControlNet
     sdjax.wuerstchen    Würstchen at toy scale: VQ stage A, a semantic latent, stages B and C, the pipeline
     sdjax.matryoshka    Matryoshka diffusion at toy scale: 16/32/64 px jointly, a NestedUNet, progressive training

@@ -134,12 +134,12 @@ def _hub(name: str, split: str):
     """``datasets.load_dataset(name, split=split)``, offline from the cache only (sdjax.data.hub)."""
     import datasets
 
-    from sdjax.data.hub import DatasetUnavailableError, _load_from_cache, hub_reachable
+    from sdjax.data.hub import DatasetUnavailableError, hub_reachable, load_from_cache
 
     if hub_reachable():
         return datasets.load_dataset(name, split=split)
     try:
-        return _load_from_cache(name, split)
+        return load_from_cache(name, split)
     except DatasetUnavailableError as error:
         raise FileNotFoundError(f"{error} Or give a local folder (see sdjax.captioned).") from error
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import jax
@@ -367,7 +368,9 @@ def read_hypernetwork(path: str | os.PathLike, strength: float = 1.0) -> Hyperne
             "is no standard .safetensors layout for them. Give the .pt file."
         )
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it may not support: the error says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # a broken pickle rather than a forbidden object
             raise ValueError(f"{path} is not a readable torch .pt file ({str(e).splitlines()[-1][:200]})") from None

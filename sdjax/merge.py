@@ -404,7 +404,7 @@ def _write_like(a: Checkpoint, output, merged: Callable[[str], Array], dtype: st
             raise ValueError(f"output {output}: a merge of single files is written as one .safetensors file")
         targets = {"": output}
     else:
-        if output.suffix:
+        if output.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
             raise ValueError(f"output {output}: a merge of {a.layout} folders is written as a folder (no suffix)")
         if output.resolve() == a.path.resolve():
             raise ValueError(f"output {output} is the first model's folder; write the merge to a new one")

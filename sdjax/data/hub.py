@@ -82,7 +82,7 @@ def load_hf(
     if hub_reachable():
         dataset = datasets.load_dataset(name, split=split)
     else:
-        dataset = _load_from_cache(name, split)
+        dataset = load_from_cache(name, split)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
 
@@ -116,7 +116,7 @@ def load_hf(
     return ImageDataset(name=name, images=images, labels=labels, label_names=label_names, captions=captions)
 
 
-def _load_from_cache(name: str, split: str):
+def load_from_cache(name: str, split: str):
     """Load from the local `datasets` cache only, or raise DatasetUnavailableError."""
     import datasets
     import huggingface_hub.constants
