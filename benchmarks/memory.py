@@ -121,9 +121,10 @@ class Measured:
 
 
 def measure(program: str, size: str, fn: Callable, *args) -> Measured:
-    """Lower ``jax.jit(fn)`` on abstract ``args``, compile it and read XLA's memory analysis."""
+    """Lower ``jax.jit(fn)`` (or ``fn`` itself when it is jitted already, keeping its donation) on abstract ``args``,
+    compile it and read XLA's memory analysis."""
     print(f"{program} {size}: compiling …", file=sys.stderr, flush=True)
-    lowered = jax.jit(fn).lower(*args)
+    lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args)
     start = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
@@ -317,6 +318,17 @@ def caveat(platform: str, attention: str, dtype: str) -> str:
     )
 
 
+def heading(title: str, command: str, facts: dict[str, str]) -> list[str]:
+    """A report's title, the command that made it and its table of facts (markdown lines)."""
+    return [f"# XLA memory estimate: {title}", "", f"`{command}`", "", "| | |", "|---|---|",
+            *[f"| {k} | {v} |" for k, v in facts.items()], ""]  # fmt: skip
+
+
+def scores_note() -> str:
+    return "all scores at once" if attention.MAX_ATTENTION_SCORES is None else (
+        f"at most {attention.MAX_ATTENTION_SCORES:,} scores at once (query chunks)")  # fmt: skip
+
+
 def report(args, results: list[Measured], params: dict[str, int]) -> str:
     device = jax.devices()[0]
     train = f"batch {args.train_batch}, {args.train_latent}² latents" if args.train else "not measured"
@@ -327,21 +339,13 @@ def report(args, results: list[Measured], params: dict[str, int]) -> str:
         "model": f"`{args.size}` (sdjax.speed.CONFIGS), parameters: "
         + ", ".join(f"{k} {v / 1e6:.4g} M" for k, v in params.items()),
         "dtype / attention": f"{args.dtype} weights and activations / '{args.attention}', XLA's path with "
-        + ("all scores at once" if attention.MAX_ATTENTION_SCORES is None else
-           f"at most {attention.MAX_ATTENTION_SCORES:,} scores at once (query chunks)"),
+        + scores_note(),
         "inputs": f"UNet: batch 2 (one CFG pair), {TEXT_TOKENS}-token context; VAE: 1 image, float32 latents; "
         f"training step: {train}",
         "caveat": caveat(device.platform, args.attention, args.dtype),
     }
     lines = [
-        f"# XLA memory estimate: `{args.size}`, {args.dtype}, {device.platform}",
-        "",
-        f"`{args.command}`",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in facts.items()],
-        "",
+        *heading(f"`{args.size}`, {args.dtype}, {device.platform}", args.command, facts),
         "From `jax.jit(f).lower(*abstract_args).compile().memory_analysis()`; GiB = 2³⁰ bytes. arguments: the "
         "weights a program reads (jit drops the others: a decode's are the decoder's) and its inputs; temp: "
         "XLA's arena of intermediates (the most live at once); sum = arguments + temp + output − alias; compile s: "
@@ -371,31 +375,24 @@ def finetune_report(args, results: list[Measured], trained: dict[str, int]) -> s
         + ", ".join(f"{k} {v / 1e6:.4g} M" for k, v in trained.items()),
         "step": f"sdjax.train.make_train_step with sdjax.finetune's loss: {args.finetune_latent}² latents, "
         f"{TEXT_TOKENS}-token captions through the text encoder, value_and_grad, the optimizer, the state donated",
-        "attention": "XLA's path with " + ("all scores at once" if attention.MAX_ATTENTION_SCORES is None else
-                     f"at most {attention.MAX_ATTENTION_SCORES:,} scores at once (query chunks)"),
+        "attention": "XLA's path with " + scores_note(),
         "caveat": caveat(device.platform, args.attention, "bfloat16"),
     }  # fmt: skip
     lines = [
-        f"# XLA memory estimate: fine-tuning `{args.size}`, {device.platform}",
-        "",
-        f"`{args.command}`",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in facts.items()],
-        "",
+        *heading(f"fine-tuning `{args.size}`, {device.platform}", args.command, facts),
         "arguments: the train state (trained weights, optimizer moments), the frozen weights and the batch; temp: "
         "XLA's arena of intermediates (activations kept for the backward pass, gradients, the bf16 copies of the "
         "weights); output − alias: what the donated state does not absorb; sum = what the step holds. GiB = 2³⁰ "
         "bytes. DreamBooth's batch n is n instance + n class images.",
         "",
-        "| method, optimizer, batch | size | arguments GiB | temp GiB | sum GiB | fits 16 GiB | compile s |",
-        "|---|---|---|---|---|---|---|",
+        "| method, optimizer, batch | size | arguments GiB | temp GiB | output GiB | alias GiB | sum GiB | ≤ 16 GiB | "
+        "compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         fits = "yes" if r.total <= 16 * GIB else "no"
-        lines.append(f"| {r.program} | {r.size} | {gib(r.arguments)} | {gib(r.temp)} | {gib(r.total)} | {fits} | "
-                     f"{r.compile_s:.1f} |")  # fmt: skip
+        lines.append(f"| {r.program} | {r.size} | {gib(r.arguments)} | {gib(r.temp)} | {gib(r.output)} | "
+                     f"{gib(r.alias)} | {gib(r.total)} | {fits} | {r.compile_s:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

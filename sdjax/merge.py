@@ -17,7 +17,7 @@ form puts BASE first: the α of everything else (text encoder, VAE, the time emb
 norm and conv count as OUT11). With 25 weights BASE is ``alpha``. Early input blocks hold composition, late
 output blocks detail and texture: people take one model's layout and another's rendering this way.
 
-Streaming: inputs are read tensor by tensor (``.safetensors`` are memory-mapped) and the output is written
+Streaming: inputs are read tensor by tensor (from ``.safetensors`` files) and the output is written
 tensor by tensor, so merging SD1.5 holds a few tensors in memory, not the models. (PyTorch pickles cannot
 be streamed: a ``.ckpt`` input is read whole; convert it to ``.safetensors`` first for big models.)
 
@@ -167,8 +167,8 @@ _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 class SafetensorsFile:
-    """Lazy view of a ``.safetensors`` file: ``specs`` {name: (dtype, shape)}, ``metadata``, ``[name]`` an
-    array on the memory-mapped file (read from disk when used)."""
+    """Lazy view of a ``.safetensors`` file: ``specs`` {name: (dtype, shape)}, ``metadata``, and ``[name]``, which
+    reads that one tensor from disk."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -191,7 +191,6 @@ class SafetensorsFile:
         if 8 + n + end > size:
             raise ValueError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}")
         self._start = 8 + n
-        self._data = np.memmap(path, np.uint8, "r") if self._entries else None
 
     @property
     def specs(self) -> dict[str, tuple[np.dtype, tuple]]:
@@ -199,7 +198,7 @@ class SafetensorsFile:
 
     def __getitem__(self, key: str) -> Array:
         dtype, shape, (lo, hi) = self._entries[key]
-        return self._data[self._start + lo : self._start + hi].view(dtype).reshape(shape)
+        return np.fromfile(self.path, dtype, (hi - lo) // dtype.itemsize, offset=self._start + lo).reshape(shape)
 
 
 class _PickleFile:

@@ -36,6 +36,9 @@ LONGEST_FIRST = {
     "test_train.py": 66, "test_tiny_sd.py": 9, "test_models.py": 57, "test_pipeline_precision_and_sizes.py": 49,
     "test_cli_finetune.py": 47, "test_unet.py": 46, "test_controlnet_training.py": 40, "test_multidevice.py": 37,
     "test_bundled_model.py": 31, "test_matryoshka.py": 30, "test_wuerstchen.py": 30, "test_sdxl_unet.py": 24,
+    # 2026-12-05 (sixth session), one worker on a busy machine: the model-sharing files
+    "test_merge.py": 60, "test_finetune_dataset.py": 40, "test_distributed.py": 40, "test_lycoris.py": 36,
+    "test_hypernetwork.py": 21,
     "test_exercises.py": 23,
     "test_samplers.py": 23, "test_vq.py": 19, "test_speed.py": 17, "test_pipeline_sd2.py": 16, "test_lora.py": 16,
     "test_prompt_syntax.py": 13, "test_samplers_kdiffusion.py": 13, "test_pretrained.py": 12,

@@ -163,6 +163,63 @@ def reference_text_encoder(**changes):
     return transformers.CLIPTextModel(transformers.CLIPTextConfig(**{**SD1_TEXT, **changes})).eval()
 
 
+# the adapter tests' text encoder: the tiny SD1 one with 1000 tokens and SD1's legacy special ids
+ADAPTER_TEXT = {**SD1_TEXT, "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+
+@nnx.jit
+def unet_and_text(unet, text, x, t, context, ids):
+    """An sdjax UNet and text encoder in one compiled program (eager JAX compiles every op on its own: seconds).
+    Adapter strengths are array state, so every strength of one adapter structure shares the program."""
+    return unet(x, t, context), text(ids).last_hidden_state
+
+
+class UNetAndText:
+    """What the adapter tests (LoRA, LyCORIS) compare on: the tiny reference UNet and a CLIP text encoder in
+    :data:`ADAPTER_TEXT`'s config (random, seeded with ``torch.manual_seed(0)`` first), fixed inputs, and sdjax copies
+    of both networks holding the same weights (built abstract, filled once; :meth:`sdjax_models` hands out clones)."""
+
+    def __init__(self):
+        import torch
+
+        from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+        from sdjax.models.unet import UNet2D
+        from sdjax.models.unet_config import UNetConfig
+
+        torch.manual_seed(0)
+        self.unet = reference_unet()
+        self.text = reference_text_encoder(**ADAPTER_TEXT)
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+        self.t = np.array([3, 801])
+        self.context = rng.standard_normal((2, 77, 32)).astype(np.float32)
+        self.ids = rng.integers(3, 1000, (2, 77))
+        self.ids[:, 0], self.ids[:, 9:] = 0, 2
+        config = UNetConfig.from_diffusers(dict(self.unet.config))
+        self._sdjax_unet = nnx.eval_shape(lambda: UNet2D(config, rngs=nnx.Rngs(0)))
+        load_torch_state(self._sdjax_unet, self.unet.state_dict())
+        self._sdjax_text = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(**ADAPTER_TEXT), rngs=nnx.Rngs(0)))
+        load_torch_state(self._sdjax_text, self.text.state_dict())
+
+    def sdjax_models(self):
+        """sdjax's UNet and text encoder holding the base weights (no adapters): fresh copies."""
+        return nnx.clone(self._sdjax_unet), nnx.clone(self._sdjax_text)
+
+    def sdjax_outputs(self, unet, text) -> tuple[np.ndarray, np.ndarray]:
+        """(ε (B, H, W, 4), text states (B, 77, D)) of sdjax's networks on the fixed inputs."""
+        eps, hidden = unet_and_text(unet, text, *(np.asarray(a) for a in (self.x, self.t, self.context, self.ids)))
+        return np.asarray(eps), np.asarray(hidden)
+
+    def torch_outputs(self, unet, text) -> tuple[np.ndarray, np.ndarray]:
+        """The same of PyTorch networks (diffusers' UNet and transformers' CLIP, with whatever wraps them)."""
+        import torch
+
+        with torch.no_grad():
+            eps = unet(torch.from_numpy(nchw(self.x)), torch.from_numpy(self.t), torch.from_numpy(self.context))
+            hidden = text(torch.from_numpy(self.ids)).last_hidden_state
+        return nhwc(eps.sample.numpy()), hidden.numpy()
+
+
 def reference_pipeline(**components):
     """diffusers' ``StableDiffusionPipeline`` of ``components`` (vae, text_encoder, tokenizer, unet,
     scheduler; any may be None), without safety checker."""

@@ -321,6 +321,7 @@ def test_adafactor_state_is_factored(layouts):
     assert any(not np.array_equal(v, base[k]) for k, v in _weights(pipe.unet).items())
 
 
+@pytest.mark.slow  # 18 s; fit's resume is bit for bit in the default run (tests/test_train.py)
 def test_cli_interrupted_and_resumed_writes_the_uninterrupted_weights(uninterrupted, layouts, tmp_path, capsys):
     """`sdjax train-finetune` for STEPS/2 steps, stopped, then resumed from --checkpoint to STEPS: the model it writes
     loads back with the uninterrupted run's EMA weights, bit for bit (same data, same batches and draws by step, the

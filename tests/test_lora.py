@@ -25,19 +25,7 @@ from safetensors.numpy import save_file
 
 from sdjax import lora
 from sdjax.io import flatten
-from sdjax.models import UNetConfig
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-from sdjax.models.unet import UNet2D
-from tests.helpers import (
-    SD1_TEXT,
-    load_torch_state,
-    nchw,
-    nhwc,
-    reference_pipeline,
-    reference_text_encoder,
-    reference_unet,
-    rel_err,
-)
+from tests.helpers import UNetAndText, reference_pipeline, rel_err
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -45,19 +33,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 RTOL = 1e-5
-# the networks: tests/helpers.py's tiny SD1-style UNet as it is, its text encoder with 1000 tokens and SD1's
-# legacy special ids (quick GELU: the default of transformers and sdjax alike)
-TEXT = {**SD1_TEXT, "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+# the adapted layers of tests/helpers.py's UNetAndText (its tiny SD1-style UNet and a 1000-token CLIP)
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
-
-
-@nnx.jit
-def run(unet, text, x, t, context, ids):
-    """Both networks in one compiled program (eager JAX compiles every op on its own: seconds). Every
-    model structure compiles once: the UNet runs here only with the reference LoRA's adapters (α and
-    s are array state, so every file and strength of that LoRA shares one program)."""
-    return unet(x, t, context), text(ids).last_hidden_state
 
 
 @nnx.jit
@@ -65,13 +43,11 @@ def run_text(text, ids):
     return text(ids).last_hidden_state
 
 
-class Reference:
+class Reference(UNetAndText):
     """The base networks, the peft LoRA saved by diffusers, inputs, and sdjax copies of the base."""
 
     def __init__(self, folder):
-        torch.manual_seed(0)
-        self.unet = reference_unet()
-        self.text = reference_text_encoder(**TEXT)
+        super().__init__()
         self.base_unet, self.base_text = copy.deepcopy(self.unet), copy.deepcopy(self.text)
         self.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS))
         self.text.add_adapter(peft.LoraConfig(r=4, lora_alpha=2, target_modules=TEXT_TARGETS))
@@ -79,20 +55,7 @@ class Reference:
             for name, p in [*self.unet.named_parameters(), *self.text.named_parameters()]:
                 if "lora_B" in name:
                     p.normal_(0.0, 0.3)
-        rng = np.random.default_rng(0)
-        self.x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
-        self.t = np.array([3, 801])
-        self.context = rng.standard_normal((2, 77, 32)).astype(np.float32)
-        self.ids = rng.integers(3, 1000, (2, 77))
-        self.ids[:, 0], self.ids[:, 9:] = 0, 2
         self.file = self.save(folder / "diffusers", metadata=True)
-        # built abstract (no random init) and filled with the base weights, once; tests take clones
-        self._sdjax_unet = nnx.eval_shape(
-            lambda: UNet2D(UNetConfig.from_diffusers(dict(self.base_unet.config)), rngs=nnx.Rngs(0))
-        )
-        load_torch_state(self._sdjax_unet, self.base_unet.state_dict())
-        self._sdjax_text = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(**TEXT), rngs=nnx.Rngs(0)))
-        load_torch_state(self._sdjax_text, self.base_text.state_dict())
 
     def save(self, folder, *, metadata: bool):
         from peft.utils import get_peft_model_state_dict
@@ -122,18 +85,7 @@ class Reference:
         return pipe
 
     def torch_outputs(self, pipe):
-        with torch.no_grad():
-            eps = pipe.unet(torch.from_numpy(nchw(self.x)), torch.from_numpy(self.t), torch.from_numpy(self.context))
-            hidden = pipe.text_encoder(torch.from_numpy(self.ids)).last_hidden_state
-        return nhwc(eps.sample.numpy()), hidden.numpy()
-
-    def sdjax_models(self):
-        """sdjax's UNet and text encoder holding the base weights (no adapters): fresh copies."""
-        return nnx.clone(self._sdjax_unet), nnx.clone(self._sdjax_text)
-
-    def sdjax_outputs(self, unet, text):
-        eps, hidden = run(unet, text, *map(jnp.asarray, (self.x, self.t, self.context, self.ids)))
-        return np.asarray(eps), np.asarray(hidden)
+        return super().torch_outputs(pipe.unet, pipe.text_encoder)
 
     def text_output(self, text):
         return np.asarray(run_text(text, jnp.asarray(self.ids)))

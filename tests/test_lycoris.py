@@ -30,10 +30,7 @@ from safetensors.numpy import load_file, save_file
 
 from sdjax import lora
 from sdjax.lora.lycoris import LoHa, LoKr
-from sdjax.models import UNetConfig
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-from sdjax.models.unet import UNet2D
-from tests.helpers import SD1_TEXT, load_torch_state, nchw, nhwc, reference_text_encoder, reference_unet, rel_err
+from tests.helpers import UNetAndText, nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -41,7 +38,6 @@ pytest.importorskip("transformers")
 lycoris_wrapper = pytest.importorskip("lycoris.wrapper")
 
 RTOL = 1e-5
-TEXT = {**SD1_TEXT, "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 UNET_MODULES = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]  # kohya's LoCon preset
 TEXT_MODULES = ["CLIPAttention", "CLIPMLP"]
 # per algorithm: the network arguments (linear rank 4 α 8, conv rank 2 α 1) and the std of the random factors
@@ -67,51 +63,11 @@ def lycoris_network(module, prefix, targets, algo, std, seed, module_algo_map=No
     return network
 
 
-@nnx.jit
-def run(unet, text, x, t, context, ids):
-    """Both networks in one compiled program; every strength of one file shares it (s is array state)."""
-    return unet(x, t, context), text(ids).last_hidden_state
-
-
-class Reference:
-    """The base networks, inputs, and sdjax copies of the base."""
-
-    def __init__(self):
-        torch.manual_seed(0)
-        self.unet = reference_unet()
-        self.text = reference_text_encoder(**TEXT)
-        rng = np.random.default_rng(0)
-        self.x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
-        self.t = np.array([3, 801])
-        self.context = rng.standard_normal((2, 77, 32)).astype(np.float32)
-        self.ids = rng.integers(3, 1000, (2, 77))
-        self.ids[:, 0], self.ids[:, 9:] = 0, 2
-        self._sdjax_unet = nnx.eval_shape(
-            lambda: UNet2D(UNetConfig.from_diffusers(dict(self.unet.config)), rngs=nnx.Rngs(0))
-        )
-        load_torch_state(self._sdjax_unet, self.unet.state_dict())
-        self._sdjax_text = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(**TEXT), rngs=nnx.Rngs(0)))
-        load_torch_state(self._sdjax_text, self.text.state_dict())
-
-    def torch_outputs(self, unet, text):
-        with torch.no_grad():
-            eps = unet(torch.from_numpy(nchw(self.x)), torch.from_numpy(self.t), torch.from_numpy(self.context))
-            hidden = text(torch.from_numpy(self.ids)).last_hidden_state
-        return nhwc(eps.sample.numpy()), hidden.numpy()
-
-    def sdjax_models(self):
-        return nnx.clone(self._sdjax_unet), nnx.clone(self._sdjax_text)
-
-    def sdjax_outputs(self, unet, text):
-        eps, hidden = run(unet, text, *map(jnp.asarray, (self.x, self.t, self.context, self.ids)))
-        return np.asarray(eps), np.asarray(hidden)
-
-
 @pytest.fixture(scope="module")
 def ref():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only cost time, the more on a busy machine
-    yield Reference()
+    yield UNetAndText()
     torch.set_num_threads(threads)
 
 

@@ -100,3 +100,23 @@ def test_temporaries_grow_with_the_image(report):
         small, large = by[(program, "64²")], by[(program, "64×128")]
         assert large.temp > small.temp > 0, program
         assert large.total > small.total
+
+
+def test_finetune_steps(memory, tmp_path):
+    """``--finetune``: sdjax.finetune's whole training step, jitted with the state donated. The arguments hold the
+    float32 trained weights once (LoRA: the adapters) plus the optimizer's state — Adam two more copies, Adafactor a
+    factored fraction — and the frozen rest; the new state comes back in the donated buffers (alias = the state)."""
+    argv = ["--size", "tiny", "--finetune", "--finetune-latent", "8", "--finetune-batches", "1",
+            "--finetune-methods", "lora,full", "--out", str(tmp_path / "ft.md")]  # fmt: skip
+    result = memory.main(argv)
+    by = {r.program: r for r in result.results}
+    runs = ["full, adafactor, batch 1", "full, adam, batch 1", "lora, adam, batch 1"]
+    assert sorted(by) == sorted(runs + [f"{run}, remat" for run in runs])
+    adam, factored, lora = by["full, adam, batch 1"], by["full, adafactor, batch 1"], by["lora, adam, batch 1"]
+    trained = 4 * memory.finetune_step("full", 1, 8, False, "adam", "tiny")[4]  # bytes of float32 UNet weights
+    # Adam's two moments against Adafactor's one: the tiny model's matrices are too small (< 128) for optax to factor
+    # (measured: 1.02 × the weights less; at SD1.5's size the factored state is megabytes, benchmarks/MEMORY.md)
+    assert adam.arguments - factored.arguments > 0.9 * trained
+    for r in (adam, factored, lora):
+        assert r.alias > 0.99 * (r.output - 4096)  # the state (all of the output but the loss) reuses its buffers
+    assert "| full, adam, batch 1 | 64² |" in result.text

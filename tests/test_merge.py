@@ -133,6 +133,7 @@ def test_block_weighted_sum_equals_sd_mecha(files, tmp_path):
     assert_identical(again, theirs)
 
 
+@pytest.mark.slow  # the same per-block α as the weighted sum's, in the add-difference formula checked above (10 s)
 def test_block_weighted_add_difference_equals_sd_mecha(files, tmp_path):
     weights = WEIGHTS[::-1]
     out = merge.merge([files[k] for k in "ABC"], tmp_path / "m.safetensors", block_weights=weights, progress=False)
@@ -162,7 +163,7 @@ def tiny(tmp_path_factory):
     return [convert.save(random_components("tiny", seed=i), d / f"{i}.safetensors", layout="compvis") for i in (1, 2)]
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "sdjax"])
+@pytest.mark.parametrize("layout", ["diffusers", pytest.param("sdjax", marks=pytest.mark.slow)])
 def test_folders_merge_as_single_files(tiny, tmp_path, layout):
     """The same block-weighted merge of diffusers (or sdjax) folders holds exactly the single-file merge's numbers
     (under other names, and transposed for sdjax), so their block mapping is the CompVis one; the output folder is
