@@ -305,6 +305,7 @@ def test_finetune_learns_and_keeps_the_ema_weights(uninterrupted, pairs):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(pipe.text_encoder), nnx.state(base.text_encoder))
 
 
+@pytest.mark.slow  # a training step's compilation (14 s); tests/test_memory_estimate.py measures the state too
 def test_adafactor_state_is_factored(layouts):
     """FinetuneConfig(optimizer="adafactor") trains with a factored second moment: its optimizer state is a fraction
     of the trained weights where Adam's is twice them, and the weights move. (Measured 0.22×: optax factors only

@@ -104,6 +104,7 @@ def assert_identical(ours_path, theirs: dict[str, np.ndarray]):
     assert not differ, f"{len(differ)} tensors differ from sd-mecha's, e.g. {differ[:3]}"
 
 
+@pytest.mark.slow  # the block-weighted test below runs the same formula with 26 values of α (7 s)
 def test_weighted_sum_equals_sd_mecha(files, tmp_path, alpha=0.3):
     out = merge.merge([files["A"], files["B"]], tmp_path / "m.safetensors", alpha=alpha, progress=False)
     assert_identical(out, mecha(sd_mecha.weighted_sum(mecha_model(files["A"]), mecha_model(files["B"]), alpha=alpha)))

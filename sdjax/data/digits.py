@@ -7,7 +7,6 @@ and upsampled to 16 or 32 px they make a fast first dataset for a diffusion mode
 
 import jax
 import numpy as np
-from sklearn.datasets import load_digits as _sklearn_load_digits
 
 from sdjax.data.dataset import ImageDataset
 
@@ -21,7 +20,9 @@ def load_digits(resolution: int = 32) -> ImageDataset:
     """
     if resolution < 8:
         raise ValueError(f"resolution must be >= 8 (the digits are 8x8), got {resolution}")
-    bunch = _sklearn_load_digits()
+    from sklearn.datasets import load_digits as sklearn_digits  # scikit-learn loads in ~2 s: only when used
+
+    bunch = sklearn_digits()
     small = (bunch.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1) in [0, 1]
     images = jax.image.resize(small, (len(small), resolution, resolution, 1), method="bilinear")
     # Bilinear interpolation stays within the input range up to rounding; clip anyway
