@@ -409,7 +409,9 @@ def _write_like(a: Checkpoint, output, merged: Callable[[str], Array], dtype: st
             raise ValueError(f"output {output} is the first model's folder; write the merge to a new one")
         weights = shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt", "*.pt")
         shutil.copytree(a.path, output, dirs_exist_ok=True, ignore=weights)  # configs, tokenizer, scheduler
-        targets = {part: output / part / (f.path.stem.split(".")[0] + ".safetensors") for part, f in a.files.items()}
+        # the safetensors name diffusers/transformers look for first (a .bin or .fp16 input is written as that)
+        stem = lambda f: {"pytorch_model": "model"}.get(f.path.stem.split(".")[0], f.path.stem.split(".")[0])  # noqa: E731
+        targets = {part: output / part / f"{stem(f)}.safetensors" for part, f in a.files.items()}
     bar = tqdm(total=len(a.keys()), desc="merge", disable=not progress, unit="tensor", mininterval=1.0)
     for part, f in a.files.items():
         specs = {k: (_output_dtype(d, dtype), s) for k, (d, s) in f.specs.items()}
