@@ -183,6 +183,8 @@ def test_diffusers_export_loads_in_diffusers(checkpoint, tmp_path):
     )
 
 
+# the cast is the same code for both versions; sd2 under -m slow (default run under 12 min, docs/testing.md)
+@pytest.mark.parametrize("checkpoint", ["sd1", pytest.param("sd2", marks=pytest.mark.slow)], indirect=True)
 def test_bfloat16_stays_within_bf16_error(checkpoint):
     """bf16 weights and activations: 8 mantissa bits, ε = 2⁻⁸ ≈ 0.004 per rounding; through a few
     dozen layers the outputs stay within a few percent of float32. (The noise schedule arithmetic

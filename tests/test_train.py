@@ -65,30 +65,23 @@ def test_checkpoint_resume_after_kill_is_bit_for_bit(tmp_path):
 
 
 def test_data_parallel_equals_single_device():
-    """Four virtual CPU devices splitting each batch give the same parameters as one device doing the
-    whole batch (up to float32 summation order in the gradient all-reduce).
+    """Four virtual CPU devices (tests/conftest.py) splitting each batch give the same parameters as one
+    device doing the whole batch (up to float32 summation order in the gradient all-reduce).
 
     SGD, not Adam: the attention key bias has an exactly-zero true gradient (softmax is invariant to
     adding q·b_k to every logit), so its computed gradient is rounding noise, which Adam's
     normalisation g/√v blows up to ±lr in whichever direction the noise points on each layout.
     With SGD that bias stays ~1e-9, hence the small absolute tolerance.
     """
-    child = run_python(
-        """
-        import jax, numpy as np, optax
-        from tests.helpers import run_fit, leaves
-        assert len(jax.devices()) == 4, jax.devices()
-        one = run_fit(5, devices=jax.devices()[:1], optimizer=optax.sgd(0.05, momentum=0.9))
-        four = run_fit(5, devices=jax.devices(), optimizer=optax.sgd(0.05, momentum=0.9))
-        losses = np.array(four.history["loss"]) / np.array(one.history["loss"])
-        assert np.allclose(losses, 1, rtol=1e-5), losses
-        for a, b in zip(leaves(four.state.params), leaves(one.state.params)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # atol: leaves that stay ~0 (the key bias)
-        assert four.state.params["encoder"]["conv_in"]["kernel"][...].sharding.is_fully_replicated
-    """,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-    )
-    assert child.returncode == 0, child.stdout + child.stderr
+    assert len(jax.devices()) == 4, jax.devices()
+    one = run_fit(5, devices=jax.devices()[:1], optimizer=optax.sgd(0.05, momentum=0.9))
+    four = run_fit(5, devices=jax.devices(), optimizer=optax.sgd(0.05, momentum=0.9))
+    losses = np.array(four.history["loss"]) / np.array(one.history["loss"])
+    np.testing.assert_allclose(losses, 1, rtol=1e-5)
+    for a, b in zip(leaves(four.state.params), leaves(one.state.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # atol: leaves that stay ~0 (the key bias)
+    sharding = four.state.params["encoder"]["conv_in"]["kernel"][...].sharding
+    assert sharding.is_fully_replicated and len(sharding.device_set) == 4  # replicated over all four
 
 
 def test_batch_size_not_divisible_by_devices_is_a_clear_error():
