@@ -112,7 +112,8 @@ def load_state_dict(
     )
     take = state_dict.pop if consume else state_dict.__getitem__
     arrays = [
-        jnp.asarray(to_sdjax_layout(path, np.asarray(take(name))), dtype=leaf.dtype)
+        # NumPy casts, jax.device_put copies: no XLA program per tensor shape (jnp.asarray compiles one each)
+        jax.device_put(to_sdjax_layout(path, np.asarray(take(name))).astype(leaf.dtype, copy=False))
         for name, path, (_, leaf) in zip(names, paths, leaves)
     ]
     nnx.update(module, jax.tree_util.tree_unflatten(treedef, arrays))
@@ -480,7 +481,7 @@ def load_sdjax(folder: str | os.PathLike) -> Components:
     template = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), template)  # shapes only; never filled
     trees = unflatten_like(template, flat, source=str(folder / SDJAX_FILE))
     for name, model in models.items():
-        nnx.update(model, jax.tree.map(jnp.asarray, trees[name]))
+        nnx.update(model, jax.tree.map(jax.device_put, trees[name]))
     return Components(
         **models,
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),

@@ -172,7 +172,7 @@ def load(name: str = "ddpm-shapes16", path: str | os.PathLike | None = None) -> 
     if not same:
         raise ValueError(f"{path} holds a network of another shape than recipe {name!r} (config {meta.get('unet')})")
     params = io.unflatten_like(nnx.state(model, nnx.Param), flat, source=str(path))
-    nnx.update(model, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, jax.tree.map(jax.device_put, params))  # no XLA program per shape, as jnp.asarray
     return model, NoiseSchedule(**meta["schedule"])
 
 

@@ -206,7 +206,7 @@ def load(resolution: int = 16, path: str | os.PathLike | None = None) -> ShapesP
     config = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["probe"].items()})
     model = nnx.eval_shape(lambda: ShapesProbe(config, rngs=nnx.Rngs(0)))  # shapes only, filled below
     params = io.unflatten_like(nnx.state(model, nnx.Param), flat, source=str(path))  # (back to float32)
-    nnx.update(model, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, jax.tree.map(jax.device_put, params))
     return model
 
 

@@ -442,8 +442,8 @@ def load_clip(text_encoder: CLIPTextModel, folder: str | os.PathLike = BUNDLE) -
     clip = CLIP(text_encoder.config, c["resolution"], tuple(c["image_channels"]), c["embed_dim"], rngs=nnx.Rngs(0))
     clip.text_model = text_encoder
     tree = io.unflatten_like(_image_side(clip), flat, source=str(path))
-    nnx.update(clip.image_model, jax.tree.map(jnp.asarray, tree["image_model"]))
-    nnx.update(clip.text_projection, jax.tree.map(jnp.asarray, tree["text_projection"]))
+    nnx.update(clip.image_model, jax.tree.map(jax.device_put, tree["image_model"]))
+    nnx.update(clip.text_projection, jax.tree.map(jax.device_put, tree["text_projection"]))
     clip.logit_scale[...] = jnp.asarray(tree["logit_scale"], jnp.float32)
     return clip
 
