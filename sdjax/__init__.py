@@ -18,6 +18,7 @@ Modules, in the order the learning path meets them (``import sdjax.X`` loads X a
     sdjax.diffusion     the diffusion training loss; sampling a pixel model
     sdjax.pretrained    small trained models shipped with sdjax, and the recipes that made them
     sdjax.probe         the attribute probe that reads what a shapes image shows
+    sdjax.digit_reader  the reader that says whether a 16-px image is a digit, and which
     sdjax.metrics       sample quality: nearest real images, held-out share, coverage, IoU, the domain FID
     sdjax.tokenizer     CLIP's byte-level BPE tokenizer
     sdjax.prompts       prompts to text-encoder contexts: long prompts in chunks, weights applied

@@ -17,8 +17,8 @@
 (``--model vae``) offline on ``shapes``/``digits`` or on a Hugging Face dataset when online. Run it
 again with the same ``--out`` to resume from the checkpoint there.
 
-``train-ddpm`` repeats the recipe of a model shipped in ``sdjax.pretrained`` (notebook 03's pixel
-DDPM) and writes its weights in the shipped format, plus a grid of samples.
+``train-ddpm`` repeats the recipe of a model shipped in ``sdjax.pretrained`` (``--recipe ddpm-digits16``,
+notebook 03's pixel DDPM, or ``ddpm-shapes16``) and writes its weights in the shipped format, plus a grid of samples.
 
 ``train-lora``, ``train-ti`` and ``train-dreambooth`` fine-tune a model (default: the bundled one) on a
 folder of images (``sdjax.finetune``: random crops and flips, one instance prompt or a ``NAME.txt`` caption
@@ -163,7 +163,9 @@ def train_ddpm(args: argparse.Namespace) -> int:
         },
     )
     r, (n, sampler) = recipe.resolution, ((16, DDIM(10)) if args.quick else (64, DDIM(50)))
-    images = sample(result.ema_model, recipe.schedule, jax.random.PRNGKey(0), (n, r, r, 3), sampler=sampler)
+    images = sample(
+        result.ema_model, recipe.schedule, jax.random.PRNGKey(0), (n, r, r, recipe.unet.in_channels), sampler=sampler
+    )
     viz.save_grid(out / "samples.png", images, nrow=16)
     print(f"step {steps}: mean loss of the last 200 steps {loss:.4f}; {minutes:.1f} min")
     print(f"wrote {weights} and {out / 'samples.png'} (EMA weights, {n} samples, DDIM {sampler.steps} steps)")
@@ -392,8 +394,12 @@ def _finetune_arguments(p: argparse.ArgumentParser, out: str, steps: int, format
     p.add_argument("--no-flip", action="store_true", help="no left-right flips (text, asymmetric subjects)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (float32 master weights)")
     p.add_argument("--remat", action="store_true", help="recompute UNet activations in the backward pass: less memory")
-    p.add_argument("--optimizer", choices=["adam", "adafactor"], default="adam",
-                   help="adafactor: factored optimizer state, megabytes instead of 2× the weights (%(default)s)")
+    p.add_argument(
+        "--optimizer",
+        choices=["adam", "adafactor"],
+        default="adam",
+        help="adafactor: factored optimizer state, megabytes instead of 2× the weights (%(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -421,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdjax.pretrained import RECIPES
 
     p = sub.add_parser("train-ddpm", help="train notebook 03's pixel-space DDPM (the recipe of the shipped weights)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="ddpm-shapes16")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="ddpm-digits16", help="default: notebook 03's")
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     p.add_argument("--out", default="runs/ddpm")
     p.add_argument("--quick", action="store_true", help="a few steps on a little data, to check the set-up")
@@ -502,8 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (float32 master weights)")
     p.add_argument("--remat", action="store_true", help="recompute UNet activations in the backward pass: less memory")
-    p.add_argument("--optimizer", choices=["adam", "adafactor"], default="adam",
-                   help="adafactor: factored optimizer state, megabytes instead of 2× the weights (%(default)s)")
+    p.add_argument(
+        "--optimizer",
+        choices=["adam", "adafactor"],
+        default="adam",
+        help="adafactor: factored optimizer state, megabytes instead of 2× the weights (%(default)s)",
+    )
     p.add_argument("--checkpoint", metavar="FILE", help="resume from FILE if it exists; save the train state there")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (%(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -66,7 +66,7 @@ def test_train_ddpm_quick_writes_loadable_weights(tmp_path, capsys):
 
     assert main(["train-ddpm", "--quick", "--out", str(tmp_path)]) == 0
     assert "step 10:" in capsys.readouterr().out
-    model, schedule = pretrained.load("ddpm-shapes16", path=tmp_path / "ddpm-shapes16.safetensors")
-    assert schedule == pretrained.DDPM_SHAPES16.schedule
-    assert pretrained.info(path=tmp_path / "ddpm-shapes16.safetensors")["steps"] == 10
+    model, schedule = pretrained.load("ddpm-digits16", path=tmp_path / "ddpm-digits16.safetensors")  # the default
+    assert schedule == pretrained.DDPM_DIGITS16.schedule and model.config.in_channels == 1
+    assert pretrained.info("ddpm-digits16", path=tmp_path / "ddpm-digits16.safetensors")["steps"] == 10
     assert (tmp_path / "samples.png").is_file()

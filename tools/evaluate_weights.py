@@ -6,7 +6,8 @@ measures notebooks 03 and 04 report; optionally install the candidates into sdja
     python tools/evaluate_weights.py --quick ...        # a smoke run on fewer images
     python tools/evaluate_weights.py --install ...      # copy the candidates in (only when told)
 
-Pixel DDPM (notebook 03, section "evaluation"): 500 DDIM-50 samples from PRNGKey(7); the probe's
+Pixel DDPM on shapes (``ddpm-shapes16``, the model notebook 03 used before it moved to digits, and
+the one notebooks 06 and 09 use): 500 DDIM-50 samples from PRNGKey(7); the probe's
 reading (read confidently; confidently one object — a valid single-object scene, the issue's ≥ 90 %;
 held-out share of those) and the catalogue report (median distance to the nearest real image,
 recognisable, held-out share of recognisable, distinct / expected). Notebook 03 computes no FID.
