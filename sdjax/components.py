@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,4 +82,11 @@ def _param_dtype(module: nnx.Module) -> jnp.dtype:
 
 def _cast(module: nnx.Module, dtype) -> nnx.Module:
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    return nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params), rest)
+    return nnx.merge(graphdef, _cast_leaves(params, jnp.dtype(dtype)), rest)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast_leaves(tree, dtype: jnp.dtype):
+    """Every leaf of ``tree`` cast to ``dtype``, as one compiled program (cast one by one, each tensor shape
+    would compile a program of its own: dozens for one network)."""
+    return jax.tree.map(lambda p: p.astype(dtype), tree)

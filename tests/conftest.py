@@ -1,8 +1,11 @@
 """Test-session set-up.
 
-Four virtual CPU devices, so data-parallel code paths run for real on a machine with one CPU, and LLVM's
-quickest optimisation level (below): XLA reads these flags once, when JAX starts, hence before anything
-imports jax.
+One CPU device and LLVM's quickest optimisation level (below): XLA reads these flags once, when JAX starts,
+hence before anything imports jax. A test marked ``@pytest.mark.devices(n)`` needs n devices: it runs in a
+subprocess whose XLA has n virtual CPU devices (:func:`pytest_pyfunc_call`), so the data-parallel code
+paths run for real on a machine with one CPU while every other test runs unsharded, as on one GPU
+(four virtual devices for the whole session cost a fifth of its time: a batch of one image was padded to
+four, and every training step compiled for four devices).
 
 A persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``, default ``~/.cache/sdjax/jax-tests``), so that
 the identical programs many tests compile (the same tiny models, the same chains) compile once per run and
@@ -11,14 +14,19 @@ program, the compiler options and the jax version, so a stale entry is never use
 """
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 # LLVM's optimisation level 0 for the compiled CPU code: compiles about a fifth faster, runs a little slower,
 # computes the same operations (the level changes how XLA's kernels are optimised, not what they compute;
 # float rounding may differ, which every tolerance already allows).
 # Measured cold on test_convert/img2img/tiny_sd/pipeline, one process: 370 s at the default level, 305 s here.
 # The notebooks, the benchmarks and the CLI keep XLA's defaults, so CI still runs the optimised code.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+OPTIMISATION = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", OPTIMISATION)
 os.environ.setdefault("SDJAX_OFFLINE", "1")  # tests never touch the network
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     cache = Path.home() / ".cache" / "sdjax" / "jax-tests"
@@ -49,3 +57,24 @@ LONGEST_FIRST = {
 def pytest_collection_modifyitems(items):
     """Order the files longest first (:data:`LONGEST_FIRST`; the rest after them, in their usual order)."""
     items.sort(key=lambda item: -LONGEST_FIRST.get(Path(str(item.fspath)).name, 0))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Run a test marked ``devices(n)`` in a fresh ``pytest`` process with n virtual CPU devices, unless this
+    process already has n; its output is shown if it fails."""
+    marker = pyfuncitem.get_closest_marker("devices")
+    if marker is None:
+        return None
+    import jax
+
+    n = marker.args[0]
+    if jax.device_count() == n:
+        return None  # run here, as usual
+    flags = f"--xla_force_host_platform_device_count={n} {OPTIMISATION}"
+    argv = [sys.executable, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    done = subprocess.run(argv, cwd=pyfuncitem.config.rootpath, env=os.environ | {"XLA_FLAGS": flags},
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.fail(f"on {n} virtual devices (XLA_FLAGS={flags!r}):\n{done.stdout[-4000:]}", pytrace=False)
+    return True

@@ -342,7 +342,9 @@ def test_iterate_batches_epochs_and_plain_arrays():
         next(data.iterate_batches({"a": np.arange(5), "b": np.arange(6)}, 2, key))
 
 
+@pytest.mark.devices(4)
 def test_shard_batch_and_replicate_on_local_devices():
+    """On all four local devices, and on one of them."""
     for mesh in (devices.local_mesh(), devices.local_mesh(jax.local_devices()[:1])):
         n_devices = mesh.shape["data"]
         batch = {"x": np.arange(n_devices * 4 * 3, dtype=np.float32).reshape(n_devices * 4, 3)}

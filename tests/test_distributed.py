@@ -213,10 +213,11 @@ def test_two_processes_train_as_one(tmp_path):
     assert meta["history"]["loss"] == p0["2x2"]["loss"]
 
 
+@pytest.mark.devices(4)
 def test_one_process_is_single_host_data_parallelism(monkeypatch):
     """With one process the global mesh is the local one, this host holds every row, and bad input is named."""
     mesh = global_mesh()
-    assert list(mesh.devices.flat) == jax.local_devices() and mesh.shape["data"] == 4  # tests/conftest.py
+    assert list(mesh.devices.flat) == jax.local_devices() and mesh.shape["data"] == 4  # the marker's four
     assert host_rows(8, mesh) == slice(0, 8)
     with pytest.raises(ValueError, match="multiple of 4"):
         host_rows(6, mesh)

@@ -1,7 +1,7 @@
 """Data parallelism on eight devices gives what one device gives: txt2img.
 
-The test session has four virtual CPU devices (tests/conftest.py); this file needs eight, and XLA reads
-its device count once per process, so the work runs in a subprocess started with
+The test session has one CPU device (tests/conftest.py); this file needs eight, and XLA reads its device
+count once per process, so the work runs in a subprocess started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (and XLA's cheapest code generation, which only
 makes it compile faster). In it:
 

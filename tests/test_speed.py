@@ -7,7 +7,7 @@ of the few dozen layers of the tiny random SD add up: one UNet pass measured 1.7
 max |ref|, about 4u); the tolerance is 3e-2. The float32 path it is compared with is the one
 tests/test_unet.py holds to diffusers within 1e-5 (and tests/test_pipeline.py its images within 1e-3).
 The whole bf16 pipeline against float32 is test_pipeline's ``test_bfloat16_stays_close_to_float32``
-(images within 0.05, run sharded over the session's four devices): guidance and chaining amplify the
+(images within 0.05): guidance and chaining amplify the
 error there (4 guided DDIM steps on this file's model: 3.7e-2 relative on the final latents).
 
 Pipelines here run on one device (tests/test_multidevice.py covers eight), with one set of call shapes,

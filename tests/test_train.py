@@ -64,8 +64,9 @@ def test_checkpoint_resume_after_kill_is_bit_for_bit(tmp_path):
     assert resumed.history["loss"] == straight.history["loss"]
 
 
+@pytest.mark.devices(4)
 def test_data_parallel_equals_single_device():
-    """Four virtual CPU devices (tests/conftest.py) splitting each batch give the same parameters as one
+    """Four virtual CPU devices (a subprocess, tests/conftest.py) splitting each batch give the same parameters as one
     device doing the whole batch (up to float32 summation order in the gradient all-reduce).
 
     SGD, not Adam: the attention key bias has an exactly-zero true gradient (softmax is invariant to
@@ -84,6 +85,7 @@ def test_data_parallel_equals_single_device():
     assert sharding.is_fully_replicated and len(sharding.device_set) == 4  # replicated over all four
 
 
+@pytest.mark.devices(4)
 def test_batch_size_not_divisible_by_devices_is_a_clear_error():
     with pytest.raises(ValueError, match="not divisible by the 4 devices"):
         model = toy_autoencoder(seed=0)
