@@ -20,6 +20,7 @@ is its exact architecture; the toy VAE of notebook 02 is the same code with a sm
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -212,12 +213,14 @@ class AutoencoderKL(nnx.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("extent", "axis"))
 def blend(a: Array, b: Array, extent: int, axis: int) -> Array:
     """Fade the tile ``a`` into its successor ``b`` along ``axis`` over ``extent`` rows:
 
         b[y] ← (1 − y/e) · a[n_a − e + y] + (y/e) · b[y],    y = 0 … e − 1,   e = min(extent, n_a, n_b)
 
-    so b starts with a's row n_a − e and the weight shifts linearly to b's own rows. (B, …) arrays.
+    so b starts with a's row n_a − e and the weight shifts linearly to b's own rows. (B, …) arrays. One
+    compiled program per pair of window shapes (op by op, each of its dozen operations would compile its own).
     """
     e = min(extent, a.shape[axis], b.shape[axis])
     if e == 0:
