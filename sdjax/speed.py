@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdjax import convert
 from sdjax.components import Components
 from sdjax.io import path_str
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
@@ -133,7 +134,7 @@ def random_init(cls, config, rng: np.random.Generator, dtype=jnp.float32) -> nnx
         kernels W (…, fan_in-sized axes, out):  N(0, 1/fan_in)      (unit-variance activations)
         embeddings:  N(0, 0.02²);   norm scales: 1;   biases: N(0, 0.02²)
     """
-    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    model = convert.abstract(cls, config)
     abstract = nnx.state(model, nnx.Param)
 
     def draw(path, leaf) -> jax.Array:
@@ -184,7 +185,7 @@ def count_flops(fn, *args) -> float:
 def unet_flops(config: UNetConfig, height: int, width: int, *, batch: int = 1, context_length: int = 77) -> float:
     """FLOPs of one evaluation of a UNet of ``config`` on a (batch, height, width, in_channels) latent (and a
     context of ``context_length`` tokens when it cross-attends), from its shapes alone (:func:`count_flops`)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2D(config, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(convert.abstract(UNet2D, config))
     sds = jax.ShapeDtypeStruct
     x, t = sds((batch, height, width, config.in_channels), jnp.float32), sds((batch,), jnp.float32)
     context = None
@@ -198,7 +199,7 @@ def nested_unet_flops(config, levels: int | None = None, *, batch: int = 1, cont
     resolutions (default all), from its shapes alone (:func:`count_flops`)."""
     from sdjax.models.nested_unet import NestedUNet
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: NestedUNet(config, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(convert.abstract(NestedUNet, config))
     sds, core = jax.ShapeDtypeStruct, config.core
     res = config.resolutions[: levels or len(config.resolutions)]
     xs = [sds((batch, r, r, core.in_channels), jnp.float32) for r in res]

@@ -27,7 +27,7 @@ import json
 import numpy as np
 from flax import nnx
 
-from sdjax.convert import load_state_dict, state_dict_names
+from sdjax.convert import abstract, load_state_dict, state_dict_names
 
 # ---------------------------------------------------------------------------------------------------
 # parity with PyTorch
@@ -196,9 +196,9 @@ class UNetAndText:
         self.ids = rng.integers(3, 1000, (2, 77))
         self.ids[:, 0], self.ids[:, 9:] = 0, 2
         config = UNetConfig.from_diffusers(dict(self.unet.config))
-        self._sdjax_unet = nnx.eval_shape(lambda: UNet2D(config, rngs=nnx.Rngs(0)))
+        self._sdjax_unet = abstract(UNet2D, config)
         load_torch_state(self._sdjax_unet, self.unet.state_dict())
-        self._sdjax_text = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(**ADAPTER_TEXT), rngs=nnx.Rngs(0)))
+        self._sdjax_text = abstract(CLIPTextModel, CLIPTextConfig(**ADAPTER_TEXT))
         load_torch_state(self._sdjax_text, self.text.state_dict())
 
     def sdjax_models(self):

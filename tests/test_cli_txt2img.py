@@ -32,7 +32,7 @@ SAMPLE_KEYS |= {"model", "dtype", "prompt_syntax", "truncate_prompts", "sdjax_ve
 def random_module(cls, config, rng: np.random.Generator):
     """``cls(config)`` with random weights drawn by NumPy (Flax's eager initialisation compiles a
     kernel per parameter shape: 40 s for these three networks on the 2-core CPU)."""
-    module = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    module = convert.abstract(cls, config)
 
     def draw(path, leaf):
         name = path[-2].key  # the path ends [..., name, .value]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdjax.convert import load_unet
+from sdjax.convert import abstract, load_unet
 from sdjax.models.unet import UNet2D, UNetConfig
 from tests.helpers import SD1_UNET, load_torch_state, nchw, nhwc, reference_unet, rel_err
 
@@ -209,14 +209,12 @@ def test_sdxl_base_config():
     assert UNetConfig.from_diffusers(config.to_diffusers()) == config
 
 
-@pytest.mark.slow
 def test_sdxl_parameter_count():
     """SDXL base builds its 2.57 B parameters, as diffusers does from the released config (both as shapes only:
-    sdjax under nnx.eval_shape, diffusers on torch's meta device). Slow: ~40 s of tracing on a CPU, almost all
-    of it flax's RNG counter asking each traced update for its sharding, which makes JAX walk the whole
-    program so far (the 860 M SD1.5 UNet takes ~5 s)."""
+    sdjax under nnx.eval_shape, diffusers on torch's meta device). ~6 s; it took 40 s, under ``-m slow``, while
+    the shapes were traced with a real ``nnx.Rngs`` (``convert.abstract`` says why)."""
     config = UNetConfig.sdxl()
-    model = nnx.eval_shape(lambda: UNet2D(config, rngs=nnx.Rngs(0)))
+    model = abstract(UNet2D, config)
     assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == SDXL_PARAMS
     assert [len(a.transformer_blocks) for a in model.up_blocks[0].attentions] == [10, 10, 10]
     torch = pytest.importorskip("torch")
@@ -245,7 +243,7 @@ def test_config_errors(change, match):
 def traced_shape(cfg):
     """``shape(*args)``: the output shape of a UNet2D of ``cfg`` on ``args``, traced only (no parameters, no
     compilation)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2D(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract(UNet2D, cfg))
     return lambda *args: jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *args).shape
 
 

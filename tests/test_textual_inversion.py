@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from sdjax import textual_inversion as ti
+from sdjax.convert import abstract
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.tokenizer import CLIPTokenizer
 from tests.helpers import (
@@ -61,7 +62,7 @@ def base(tmp_path_factory):
         scheduler=diffusers.DDIMScheduler(),
     )
     pipe.set_progress_bar_config(disable=True)
-    ours = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig(**TEXT), rngs=nnx.Rngs(0)))  # weights come next
+    ours = abstract(CLIPTextModel, CLIPTextConfig(**TEXT))  # weights come next
     load_torch_state(ours, getattr(text, "text_model", text).state_dict())  # transformers 4 wraps the layers
     return pipe, folder, ours
 
@@ -325,7 +326,7 @@ def test_width_mismatch_names_both_widths_and_models(base):
     tokenizer = CLIPTokenizer.from_folder(base[1])
     sd2 = CLIPTextConfig.sd2()
     sd2 = dataclasses.replace(sd2, vocab_size=49408, num_hidden_layers=1, intermediate_size=8)  # only D matters
-    sd2 = nnx.eval_shape(lambda: CLIPTextModel(sd2, rngs=nnx.Rngs(0)))  # shapes only: the check reads no weights
+    sd2 = abstract(CLIPTextModel, sd2)  # shapes only: the check reads no weights
     with pytest.raises(ValueError, match=r"'<sd1-style>' has 768 wide \(SD1\.x.*1024 wide \(SD2\.x"):
         ti.add_embeddings(tokenizer, sd2, {"<sd1-style>": np.zeros((2, 768), np.float32)})
     assert "<sd1-style>" not in tokenizer.vocab  # nothing added
