@@ -211,8 +211,8 @@ def test_sdxl_base_config():
 
 def test_sdxl_parameter_count():
     """SDXL base builds its 2.57 B parameters, as diffusers does from the released config (both as shapes only:
-    sdjax under nnx.eval_shape, diffusers on torch's meta device). ~6 s; it took 40 s, under ``-m slow``, while
-    the shapes were traced with a real ``nnx.Rngs`` (``convert.abstract`` says why)."""
+    sdjax under nnx.eval_shape, diffusers on torch's meta device). ~6 s (sdjax's part 1.3 s); it took 40 s, under
+    ``-m slow``, while the shapes were traced with a real ``nnx.Rngs`` (``convert.abstract`` says why)."""
     config = UNetConfig.sdxl()
     model = abstract(UNet2D, config)
     assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == SDXL_PARAMS
