@@ -359,6 +359,8 @@ class _FixedKey:
         return self.key
 
     def __getattr__(self, stream: str) -> _FixedKey:
+        if stream.startswith("_"):  # not a stream name: copy's __deepcopy__ probe and the like
+            raise AttributeError(stream)
         return self
 
 
